@@ -1,0 +1,50 @@
+# ringfence: the two set-up commands are `make demo` and `make test`. Both build everything
+# they need from a fresh clone: Debian packages (when missing, as root), .venv, the project.
+SHELL := /bin/bash
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+DEB_PACKAGES := nftables iptables conntrack iproute2 procps
+DEB_BINARIES := nft iptables-restore conntrack ip ps
+
+.PHONY: deb-check setup demo test check proto proto-check mypy lint-imports bench clean
+
+setup: $(VENV_STAMP)
+
+# Debian packages the isolation backends and namespace tests need. Installed only when one of
+# their binaries is missing and we are root; otherwise say what is missing and go on (the
+# tests that need them skip outside CI and fail inside it).
+deb-check:
+	@missing=""; for b in $(DEB_BINARIES); do command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing Debian packages for:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES)) >/dev/null; \
+	  else echo "warning: missing$$missing (run as root to install $(DEB_PACKAGES))"; fi; fi
+
+$(VENV_STAMP): pyproject.toml | deb-check
+	@test -x $(PY) || python3 -m venv .venv
+	@$(PY) -m pip install -q --upgrade pip 2>/dev/null
+	@$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(PY) -c "import grpc, cryptography, psutil, watchdog, scapy" 
+	@touch $(VENV_STAMP)
+
+proto: setup
+	PATH=$(CURDIR)/.venv/bin:$$PATH $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
+	  --mypy_out=. --mypy_grpc_out=. proto/ringfence.proto
+
+mypy: setup
+	$(PY) -m mypy
+
+lint-imports: setup
+	.venv/bin/lint-imports
+
+test: setup lint-imports mypy
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m server.demo
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache build dist .demo
