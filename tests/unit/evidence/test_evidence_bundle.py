@@ -1,0 +1,316 @@
+"""Bundle build + offline verification, including the tamper matrix: every tampering must
+fail and the report must name the member and the reason."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from evidence_testkit import (
+    AGENT_ID,
+    FILE_CONTENT,
+    JSONCodec,
+    acquisition,
+    agent_key,
+    frames_bytes,
+    honest_chain,
+    make_bundle,
+    make_event,
+    other_key,
+    parse_frames,
+    read_members,
+    replace,
+    resign,
+    server_key,
+    trust,
+    write_members,
+)
+
+from evidence.bundle import TrustSet, format_report, report_to_dicts, verify_bundle
+from evidence.checkpoint import Checkpoint, sign_checkpoint
+from evidence.errors import BundleBuildError, BundleVerificationError, TrustError
+
+HONEST = make_bundle()
+MEMBERS = [name for name, _ in read_members(HONEST)]
+FILE_SHA = hashlib.sha256(FILE_CONTENT).hexdigest()
+
+
+def verify(bundle: bytes, codec: Any = "json") -> Any:
+    return verify_bundle(io.BytesIO(bundle), trust(), JSONCodec() if codec == "json" else codec)
+
+
+def failures(bundle: bytes, codec: Any = "json") -> list[tuple[str, str]]:
+    with pytest.raises(BundleVerificationError) as info:
+        verify(bundle, codec)
+    fails = [(c.member, c.reason) for c in info.value.report if not c.ok]
+    assert fails, "a raised BundleVerificationError must name at least one failure"
+    return fails
+
+
+def assert_fails(bundle: bytes, member: str, reason: str, codec: Any = "json") -> None:
+    fails = failures(bundle, codec)
+    assert any(m == member and reason in r for m, r in fails), fails
+
+
+# ----------------------------------------------------------------------------- honest bundles
+
+def test_honest_bundle_verifies_with_full_report() -> None:
+    verified = verify(HONEST)
+    assert verified.event_count == 40 and verified.end_seq == 40
+    assert [cp.seq for cp in verified.checkpoints] == [10, 20, 30, 40]
+    assert verified.files[0].sha256 == FILE_SHA
+    assert verified.codec_checked
+    assert all(c.ok for c in verified.report)
+    checked = {c.member for c in verified.report}
+    assert set(MEMBERS) - {"manifest.json", "manifest.dsse.json"} - {
+        f"files/{FILE_SHA}.acquisition.dsse.json"} <= checked
+    text = format_report(verified.report)
+    assert "FAIL" not in text and "events.bin" in text
+    assert json.loads(json.dumps(report_to_dicts(verified.report)))[0]["ok"] is True
+
+
+def test_member_order_is_deterministic_and_build_is_reproducible() -> None:
+    assert MEMBERS == ["events.bin", "events.jsonl", "checkpoints/10.dsse.json",
+                       "checkpoints/20.dsse.json", "checkpoints/30.dsse.json",
+                       "checkpoints/40.dsse.json", f"files/{FILE_SHA}",
+                       f"files/{FILE_SHA}.acquisition.dsse.json", "custody.jsonl",
+                       "manifest.json", "manifest.dsse.json"]
+    assert make_bundle() == HONEST
+    with zipfile.ZipFile(io.BytesIO(HONEST)) as zf:
+        assert {i.date_time for i in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def test_bundle_with_gap_event_verifies() -> None:
+    chain = honest_chain(30, every=10, gap_at=15)
+    verified = verify(make_bundle(chain))
+    assert verified.end_seq == 33 and verified.event_count == 30
+
+
+def test_bundle_starting_mid_chain_verifies() -> None:
+    chain = honest_chain(40, every=10)
+    verified = verify(make_bundle(chain, events=chain.events[10:], start_seq=10,
+                                  start_head=chain.heads[10]))
+    assert verified.start_seq == 10 and verified.event_count == 30
+
+
+def test_builder_trims_to_last_checkpoint(tmp_path: Path) -> None:
+    chain = honest_chain(40, every=10)
+    for seq in range(41, 46):  # five events after the last checkpoint
+        chain.append(seq, make_event(seq))
+    path = tmp_path / "b.zip"
+    from evidence.bundle import build_bundle
+    built = build_bundle(path, case_id="c", host={"agent_id": AGENT_ID},
+                         agent_key=agent_key().public_key(), events=chain.events,
+                         checkpoints=chain.checkpoints, server_key=server_key(),
+                         codec=JSONCodec(), custody=[{"time_ns": 1, "actor": "a",
+                                                      "action": "requested"}])
+    assert built.end_seq == 40 and built.dropped_after_end
+    assert verify_bundle(path, trust(), JSONCodec()).end_seq == 40
+
+
+def test_builder_refuses_inconsistent_inputs_and_leaves_no_file(tmp_path: Path) -> None:
+    chain = honest_chain(20, every=10)
+    del chain.events[4]
+    path = tmp_path / "b.zip"
+    with pytest.raises(BundleBuildError, match="seq 6"):
+        make_bundle(chain, events=chain.events)
+    from evidence.bundle import build_bundle
+    with pytest.raises(BundleBuildError):
+        build_bundle(path, case_id="c", host={"agent_id": AGENT_ID},
+                     agent_key=agent_key().public_key(), events=chain.events,
+                     checkpoints=chain.checkpoints, server_key=server_key(), codec=JSONCodec(),
+                     custody=[{"time_ns": 1, "actor": "a", "action": "requested"}])
+    assert os.listdir(tmp_path) == []
+
+
+def test_builder_refuses_file_whose_content_does_not_match() -> None:
+    with pytest.raises(BundleBuildError, match="content has sha256"):
+        make_bundle(files={FILE_SHA: (b"other content", acquisition(FILE_CONTENT))})
+
+
+def test_builder_reads_file_content_from_path(tmp_path: Path) -> None:
+    path = tmp_path / "evidence"
+    path.write_bytes(FILE_CONTENT)
+    bundle = make_bundle(files={FILE_SHA: (str(path), acquisition(FILE_CONTENT))})
+    assert bundle == HONEST
+
+
+def test_empty_trust_sets_fail_closed() -> None:
+    with pytest.raises(TrustError):
+        TrustSet.of([], [agent_key().public_key()])
+    with pytest.raises(TrustError):
+        TrustSet.of([server_key().public_key()], [])
+
+
+def test_without_codec_honest_bundle_verifies_but_says_what_was_skipped() -> None:
+    verified = verify(HONEST, codec=None)
+    assert not verified.codec_checked
+    assert any("no codec" in c.reason for c in verified.report)
+
+
+def test_without_codec_gap_fails_closed() -> None:
+    bundle = make_bundle(honest_chain(30, every=10, gap_at=15))
+    assert_fails(bundle, "events.bin", "unexplained jump", codec=None)
+
+
+# ----------------------------------------------------------------------------- tamper matrix
+
+def _flip(data: bytes) -> bytes:
+    i = len(data) // 2
+    return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:]
+
+
+@pytest.mark.parametrize("member", MEMBERS)
+def test_flipped_byte_in_each_member_is_caught(member: str) -> None:
+    members = read_members(HONEST)
+    tampered = write_members(replace(members, member, _flip(dict(members)[member])))
+    fails = failures(tampered)
+    assert any(m == member for m, _ in fails), fails
+
+
+def test_event_deleted() -> None:
+    members = read_members(HONEST)
+    frames = parse_frames(dict(members)["events.bin"])
+    del frames[14]
+    naive = replace(members, "events.bin", frames_bytes(frames))
+    assert_fails(write_members(naive), "events.bin", "digest mismatch")
+
+    def fix(m: dict[str, Any]) -> None:
+        m["chain"]["event_count"] = 39
+    assert_fails(write_members(resign(naive, fix)), "events.bin",
+                 "chain break at seq 16: unexplained jump from 14 to 16")
+
+
+def test_two_events_swapped() -> None:
+    members = read_members(HONEST)
+    frames = parse_frames(dict(members)["events.bin"])
+    frames[4], frames[5] = frames[5], frames[4]
+    tampered = resign(replace(members, "events.bin", frames_bytes(frames)))
+    assert_fails(write_members(tampered), "events.bin", "chain break at seq 6")
+    # Keep the framing seqs in order but swap the bytes: the codec sees the lie ...
+    frames = parse_frames(dict(members)["events.bin"])
+    swapped = [(frames[i][0], frames[j][1]) for i, j in enumerate(
+        [0, 1, 2, 3, 5, 4] + list(range(6, len(frames))))]
+    tampered = resign(replace(members, "events.bin", frames_bytes(swapped)))
+    assert_fails(write_members(tampered), "events.bin", "framing says seq 5")
+    # ... and without a codec the agent-signed checkpoint still does.
+    assert_fails(write_members(tampered), "checkpoints/10.dsse.json", "head mismatch at seq 10",
+                 codec=None)
+
+
+def test_tail_truncated() -> None:
+    members = read_members(HONEST)
+    data = dict(members)["events.bin"]
+    assert_fails(write_members(replace(members, "events.bin", data[:-5])), "events.bin",
+                 "digest mismatch")
+    assert_fails(write_members(resign(replace(members, "events.bin", data[:-5]))),
+                 "events.bin", "truncated frame")
+    frames = parse_frames(data)[:-3]
+
+    def fix(m: dict[str, Any]) -> None:
+        m["chain"]["end_seq"], m["chain"]["event_count"] = 37, 37
+    body = [(n, d) for n, d in replace(members, "events.bin", frames_bytes(frames))
+            if n != "checkpoints/40.dsse.json"]
+    assert_fails(write_members(resign(body, fix)), "events.bin",
+                 "last event (seq 37) is not covered by a checkpoint")
+
+
+def test_event_from_another_host_inserted() -> None:
+    members = read_members(HONEST)
+    frames = parse_frames(dict(members)["events.bin"])
+    frames[9] = (10, make_event(10, agent_id="agent-evil"))
+    tampered = resign(replace(members, "events.bin", frames_bytes(frames)))
+    assert_fails(write_members(tampered), "events.bin", "from agent 'agent-evil'")
+
+
+def test_checkpoint_signed_by_another_key() -> None:
+    members = read_members(HONEST)
+    chain = honest_chain(40, every=10)
+    forged = sign_checkpoint(Checkpoint(AGENT_ID, 10, chain.heads[10], 1), other_key())
+    tampered = resign(replace(members, "checkpoints/10.dsse.json", forged))
+    assert_fails(write_members(tampered), "checkpoints/10.dsse.json",
+                 "signature by untrusted key")
+
+
+def test_checkpoint_with_wrong_head_signed_by_agent_key() -> None:
+    members = read_members(HONEST)
+    lying = sign_checkpoint(Checkpoint(AGENT_ID, 20, b"\x00" * 32, 1), agent_key())
+    tampered = resign(replace(members, "checkpoints/20.dsse.json", lying))
+    assert_fails(write_members(tampered), "checkpoints/20.dsse.json", "head mismatch at seq 20")
+
+
+def test_manifest_edited() -> None:
+    members = read_members(HONEST)
+    manifest = json.loads(dict(members)["manifest.json"])
+    manifest["case_id"] = "case-43"
+    edited = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    assert_fails(write_members(replace(members, "manifest.json", edited)), "manifest.json",
+                 "does not match the server-signed manifest")
+
+
+def test_manifest_start_head_edited_by_compromised_server() -> None:
+    def fix(m: dict[str, Any]) -> None:
+        m["chain"]["start_head"] = "11" * 32
+    tampered = resign(read_members(HONEST), fix)
+    assert_fails(write_members(tampered), "checkpoints/10.dsse.json", "head mismatch at seq 10")
+
+
+def test_server_signature_removed() -> None:
+    members = [(n, d) for n, d in read_members(HONEST) if n != "manifest.dsse.json"]
+    assert_fails(write_members(members), "manifest.dsse.json", "missing")
+
+
+def test_manifest_signed_by_unpinned_server_key() -> None:
+    tampered = resign(read_members(HONEST), key=other_key())
+    assert_fails(write_members(tampered), "manifest.dsse.json", "signature by untrusted key")
+
+
+def test_agent_key_not_pinned() -> None:
+    pinned = TrustSet.of([server_key().public_key()], [other_key().public_key()])
+    with pytest.raises(BundleVerificationError) as info:
+        verify_bundle(io.BytesIO(HONEST), pinned, JSONCodec())
+    assert any(c.member == "manifest.json" and "not pinned" in c.reason
+               for c in info.value.failures)
+
+
+def test_collected_file_replaced() -> None:
+    members = read_members(HONEST)
+    name = f"files/{FILE_SHA}"
+    naive = replace(members, name, b"innocent content\n")
+    assert_fails(write_members(naive), name, "digest mismatch")
+    assert_fails(write_members(resign(naive)), name, "does not match its name")
+
+
+def test_acquisition_record_signed_by_another_key() -> None:
+    name = f"files/{FILE_SHA}.acquisition.dsse.json"
+    tampered = resign(replace(read_members(HONEST), name,
+                              acquisition(FILE_CONTENT, key=other_key())))
+    assert_fails(write_members(tampered), name, "signature by untrusted key")
+
+
+def test_unlisted_member_added() -> None:
+    members = read_members(HONEST) + [("files/notes.txt", b"hello")]
+    assert_fails(write_members(members), "files/notes.txt", "not listed in the manifest")
+
+
+def test_events_jsonl_rewritten_by_compromised_server() -> None:
+    members = read_members(HONEST)
+    lines = dict(members)["events.jsonl"].split(b"\n")
+    lines[2] = lines[2].replace(b"event 3", b"event 9")
+    tampered = resign(replace(members, "events.jsonl", b"\n".join(lines)))
+    assert_fails(write_members(tampered), "events.jsonl", "first difference at line 3")
+
+
+def test_custody_must_parse() -> None:
+    tampered = resign(replace(read_members(HONEST), "custody.jsonl", b'{"actor":"x"}\n'))
+    assert_fails(write_members(tampered), "custody.jsonl", "missing")
+
+
+def test_not_a_zip() -> None:
+    assert_fails(b"PK\x03\x04 definitely not a zip", "(container)", "not a readable ZIP")
