@@ -69,10 +69,10 @@ def is_allowed(flow: Flow, ruleset: RuleSet) -> bool:
         return True
     f, p = flow.family, flow.l4
     local_initiated = ruleset.accepts(
-        "output", f, flow.src, flow.dst, p, flow.sport, flow.dport
+        "output", f, flow.src, flow.dst, p, flow.sport, flow.dport, original=True
     ) and ruleset.accepts("input", f, flow.dst, flow.src, p, flow.dport, flow.sport)
     remote_initiated = ruleset.accepts(
-        "input", f, flow.src, flow.dst, p, flow.sport, flow.dport
+        "input", f, flow.src, flow.dst, p, flow.sport, flow.dport, original=True
     ) and ruleset.accepts("output", f, flow.dst, flow.src, p, flow.dport, flow.sport)
     return local_initiated or remote_initiated
 

@@ -7,8 +7,11 @@ reading back and verifying the rules is the backends' job (isolation.backends).
 Design choices, all deliberate:
 
 * No blanket `ct state established accept`: an attacker's established session must die, so
-  both directions of every allowed flow are accepted explicitly and statelessly (e.g. output
-  to collector daddr+dport, input from collector saddr+sport).
+  both directions of every allowed flow are accepted explicitly by peer address, protocol and
+  port (e.g. output to collector daddr+dport, input from collector saddr+sport). The reply
+  direction additionally requires `ct state established`, scoped to that peer and port, so a
+  packet spoofed from the collector's address and port cannot open a connection to a local
+  service; only flows opened in the allowed direction get replies.
 * Every base chain has `policy drop`; loopback is accepted; forward accepts nothing.
 * IPv6 keeps working toward allowed peers: neighbour solicitation/advertisement (hop limit
   255, i.e. link-local only) and packet-too-big are always accepted; router solicitation and
@@ -63,12 +66,15 @@ class Rule:
     dport: int = 0
     icmpv6_type: str = ""
     link_local_only: bool = False
+    reply_only: bool = False
 
     def matches(
-        self, chain: str, family: str, src: str, dst: str, l4: str, sport: int, dport: int
+        self, chain: str, family: str, src: str, dst: str, l4: str, sport: int, dport: int,
+        *, original: bool = False,
     ) -> bool:
-        """Whether a packet (not on loopback) would be accepted by this rule."""
-        if self.loopback or chain != self.chain:
+        """Whether a packet (not on loopback) would be accepted by this rule; `original` says
+        the packet opens a flow, which a reply-only rule never accepts."""
+        if self.loopback or chain != self.chain or (original and self.reply_only):
             return False
         if self.family and self.family != family:
             return False
@@ -113,10 +119,15 @@ class RuleSet:
         return hashlib.sha256(self.nft_script.encode()).hexdigest()
 
     def accepts(
-        self, chain: str, family: str, src: str, dst: str, l4: str, sport: int, dport: int
+        self, chain: str, family: str, src: str, dst: str, l4: str, sport: int, dport: int,
+        *, original: bool = False,
     ) -> bool:
-        """Whether the planned rules accept this (non-loopback) packet."""
-        return any(r.matches(chain, family, src, dst, l4, sport, dport) for r in self.rules)
+        """Whether the planned rules accept this (non-loopback) packet; with `original` the
+        packet opens a new flow (reply-only rules do not count)."""
+        return any(
+            r.matches(chain, family, src, dst, l4, sport, dport, original=original)
+            for r in self.rules
+        )
 
 
 def _family(address: str) -> str:
@@ -135,10 +146,12 @@ def _allow_rules(a: AllowRule) -> list[Rule]:
         return out
     if a.direction in ("out", "both"):
         out.append(Rule("output", "rf-allow", family, peer=a.cidr, l4=l4, dport=a.port))
-        out.append(Rule("input", "rf-allow", family, peer=a.cidr, l4=l4, sport=a.port))
+        out.append(Rule("input", "rf-allow", family, peer=a.cidr, l4=l4, sport=a.port,
+                        reply_only=True))
     if a.direction in ("in", "both"):
         out.append(Rule("input", "rf-allow", family, peer=a.cidr, l4=l4, dport=a.port))
-        out.append(Rule("output", "rf-allow", family, peer=a.cidr, l4=l4, sport=a.port))
+        out.append(Rule("output", "rf-allow", family, peer=a.cidr, l4=l4, sport=a.port,
+                        reply_only=True))
     return out
 
 
@@ -150,12 +163,13 @@ def _rules(policy: Policy) -> tuple[Rule, ...]:
     for c in policy.collectors:
         fam = _family(c.address)
         rules.append(Rule("output", "rf-collector", fam, peer=c.address, l4="tcp", dport=c.port))
-        rules.append(Rule("input", "rf-collector", fam, peer=c.address, l4="tcp", sport=c.port))
+        rules.append(Rule("input", "rf-collector", fam, peer=c.address, l4="tcp", sport=c.port,
+                          reply_only=True))
     for r in policy.dns_resolvers:
         fam = _family(r)
         for l4 in ("udp", "tcp"):
             rules.append(Rule("output", "rf-dns", fam, peer=r, l4=l4, dport=53))
-            rules.append(Rule("input", "rf-dns", fam, peer=r, l4=l4, sport=53))
+            rules.append(Rule("input", "rf-dns", fam, peer=r, l4=l4, sport=53, reply_only=True))
     if policy.dhcp:
         rules.append(Rule("output", "rf-dhcp", "ip", l4="udp", sport=68, dport=67))
         rules.append(Rule("input", "rf-dhcp", "ip", l4="udp", sport=67, dport=68))
@@ -201,6 +215,8 @@ def _nft_rule(r: Rule) -> str:
             parts.append(f"{r.l4} dport {r.dport}")
         if not r.sport and not r.dport:
             parts.append(f"meta l4proto {r.l4}")
+    if r.reply_only:
+        parts.append("ct state established")
     parts.append(f'accept comment "{r.comment}"')
     return " ".join(parts)
 
@@ -240,6 +256,8 @@ def _ipt_rule(r: Rule, version: int) -> str | None:
                 parts.append(f"--sport {r.sport}")
             if r.dport:
                 parts.append(f"--dport {r.dport}")
+    if r.reply_only:
+        parts.append("-m conntrack --ctstate ESTABLISHED")
     parts.append(f"-m comment --comment {r.comment} -j ACCEPT")
     return " ".join(parts)
 

@@ -64,11 +64,26 @@ def test_deterministic_and_order_independent() -> None:
 
 
 def test_no_blanket_established_accept() -> None:
+    # Connection state is only ever used together with a specific peer address and port.
     for policy in MATRIX.values():
         rs = plan(policy)
-        for text in (rs.nft_script, rs.iptables_v4, rs.iptables_v6):
-            assert "established" not in text.lower()
-            assert "ctstate" not in text.lower()
+        for line in rs.nft_script.splitlines():
+            if "ct state" in line:
+                assert " saddr " in line or " daddr " in line, line
+                assert " sport " in line or " dport " in line, line
+        for line in (rs.iptables_v4 + rs.iptables_v6).splitlines():
+            if "ctstate" in line:
+                assert " -s " in line or " -d " in line, line
+                assert "--sport" in line or "--dport" in line, line
+        assert all(r.peer for r in rs.rules if r.reply_only)
+
+
+def test_reply_direction_needs_an_opened_flow() -> None:
+    rs = plan(MATRIX["v4_only"])
+    assert not rs.accepts("input", "ip", "198.18.0.1", "198.18.0.2", "tcp", 8443, 22,
+                          original=True)
+    assert rs.accepts("output", "ip", "198.18.0.2", "198.18.0.1", "tcp", 40000, 8443,
+                      original=True)
 
 
 def test_every_chain_drops_by_default_and_script_is_atomic_replacement() -> None:
