@@ -20,8 +20,24 @@ from isolation.policy import AllowRule, CollectorEndpoint, Policy
 from isolation.verify import verify
 
 __all__ = [
-    "AllowRule", "BackendError", "BackendUnavailableError", "CollectorEndpoint", "CommandError",
-    "ConntrackUnavailableError", "DriftError", "FirewallBackend", "InvalidRequestError",
-    "IsolationError", "Policy", "PolicyError", "RuleSet", "Snapshot", "StateError",
-    "StateStoreError", "Verified", "plan", "select_backend", "verify",
+    "AllowRule",
+    "BackendError",
+    "BackendUnavailableError",
+    "CollectorEndpoint",
+    "CommandError",
+    "ConntrackUnavailableError",
+    "DriftError",
+    "FirewallBackend",
+    "InvalidRequestError",
+    "IsolationError",
+    "Policy",
+    "PolicyError",
+    "RuleSet",
+    "Snapshot",
+    "StateError",
+    "StateStoreError",
+    "Verified",
+    "plan",
+    "select_backend",
+    "verify",
 ]

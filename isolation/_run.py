@@ -57,18 +57,27 @@ class Runner:
             )
         except FileNotFoundError as e:
             raise CommandError(
-                f"{full[0]} not found", backend=self.backend, argv=full, returncode=None,
+                f"{full[0]} not found",
+                backend=self.backend,
+                argv=full,
+                returncode=None,
                 stderr=str(e),
             ) from e
         except subprocess.TimeoutExpired as e:
             raise CommandError(
                 f"{' '.join(argv)} timed out after {self.timeout_s} s",
-                backend=self.backend, argv=full, returncode=None, stderr="",
+                backend=self.backend,
+                argv=full,
+                returncode=None,
+                stderr="",
             ) from e
         result = Result(proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
             raise CommandError(
                 f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()[:500]}",
-                backend=self.backend, argv=full, returncode=proc.returncode, stderr=proc.stderr,
+                backend=self.backend,
+                argv=full,
+                returncode=proc.returncode,
+                stderr=proc.stderr,
             )
         return result

@@ -45,14 +45,16 @@ def parse_flows(text: str) -> list[Flow]:
                 values[key] = value
         if "src" not in values or "dst" not in values:
             continue
-        flows.append(Flow(
-            family="ip" if fields[0] == "ipv4" else "ip6",
-            l4=fields[2],
-            src=ipaddress.ip_address(values["src"]).compressed,
-            dst=ipaddress.ip_address(values["dst"]).compressed,
-            sport=int(values.get("sport", "0")),
-            dport=int(values.get("dport", "0")),
-        ))
+        flows.append(
+            Flow(
+                family="ip" if fields[0] == "ipv4" else "ip6",
+                l4=fields[2],
+                src=ipaddress.ip_address(values["src"]).compressed,
+                dst=ipaddress.ip_address(values["dst"]).compressed,
+                sport=int(values.get("sport", "0")),
+                dport=int(values.get("dport", "0")),
+            )
+        )
         if len(flows) >= MAX_FLOWS:
             break
     return flows
@@ -95,8 +97,18 @@ def cut_connections(runner: Runner, ruleset: RuleSet) -> int:
     for flow in flows:
         if is_allowed(flow, ruleset):
             continue
-        argv = ["conntrack", "-D", "-f", "ipv4" if flow.family == "ip" else "ipv6",
-                "-p", flow.l4, "-s", flow.src, "-d", flow.dst]
+        argv = [
+            "conntrack",
+            "-D",
+            "-f",
+            "ipv4" if flow.family == "ip" else "ipv6",
+            "-p",
+            flow.l4,
+            "-s",
+            flow.src,
+            "-d",
+            flow.dst,
+        ]
         if flow.l4 in ("tcp", "udp", "sctp", "dccp", "udplite"):
             argv += ["--sport", str(flow.sport), "--dport", str(flow.dport)]
         try:
@@ -107,8 +119,15 @@ def cut_connections(runner: Runner, ruleset: RuleSet) -> int:
             ) from e
         if result.returncode == 0:
             cut += 1
-            logger.info("cut %s %s %s:%d -> %s:%d", flow.family, flow.l4, flow.src,
-                        flow.sport, flow.dst, flow.dport)
+            logger.info(
+                "cut %s %s %s:%d -> %s:%d",
+                flow.family,
+                flow.l4,
+                flow.src,
+                flow.sport,
+                flow.dst,
+                flow.dport,
+            )
         else:
             # Usually the entry expired between listing and deleting.
             logger.debug("conntrack -D found nothing for %s: %s", flow, result.stderr.strip())

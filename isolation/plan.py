@@ -69,8 +69,16 @@ class Rule:
     reply_only: bool = False
 
     def matches(
-        self, chain: str, family: str, src: str, dst: str, l4: str, sport: int, dport: int,
-        *, original: bool = False,
+        self,
+        chain: str,
+        family: str,
+        src: str,
+        dst: str,
+        l4: str,
+        sport: int,
+        dport: int,
+        *,
+        original: bool = False,
     ) -> bool:
         """Whether a packet (not on loopback) would be accepted by this rule; `original` says
         the packet opens a flow, which a reply-only rule never accepts."""
@@ -119,8 +127,16 @@ class RuleSet:
         return hashlib.sha256(self.nft_script.encode()).hexdigest()
 
     def accepts(
-        self, chain: str, family: str, src: str, dst: str, l4: str, sport: int, dport: int,
-        *, original: bool = False,
+        self,
+        chain: str,
+        family: str,
+        src: str,
+        dst: str,
+        l4: str,
+        sport: int,
+        dport: int,
+        *,
+        original: bool = False,
     ) -> bool:
         """Whether the planned rules accept this (non-loopback) packet; with `original` the
         packet opens a new flow (reply-only rules do not count)."""
@@ -146,12 +162,14 @@ def _allow_rules(a: AllowRule) -> list[Rule]:
         return out
     if a.direction in ("out", "both"):
         out.append(Rule("output", "rf-allow", family, peer=a.cidr, l4=l4, dport=a.port))
-        out.append(Rule("input", "rf-allow", family, peer=a.cidr, l4=l4, sport=a.port,
-                        reply_only=True))
+        out.append(
+            Rule("input", "rf-allow", family, peer=a.cidr, l4=l4, sport=a.port, reply_only=True)
+        )
     if a.direction in ("in", "both"):
         out.append(Rule("input", "rf-allow", family, peer=a.cidr, l4=l4, dport=a.port))
-        out.append(Rule("output", "rf-allow", family, peer=a.cidr, l4=l4, sport=a.port,
-                        reply_only=True))
+        out.append(
+            Rule("output", "rf-allow", family, peer=a.cidr, l4=l4, sport=a.port, reply_only=True)
+        )
     return out
 
 
@@ -163,8 +181,17 @@ def _rules(policy: Policy) -> tuple[Rule, ...]:
     for c in policy.collectors:
         fam = _family(c.address)
         rules.append(Rule("output", "rf-collector", fam, peer=c.address, l4="tcp", dport=c.port))
-        rules.append(Rule("input", "rf-collector", fam, peer=c.address, l4="tcp", sport=c.port,
-                          reply_only=True))
+        rules.append(
+            Rule(
+                "input",
+                "rf-collector",
+                fam,
+                peer=c.address,
+                l4="tcp",
+                sport=c.port,
+                reply_only=True,
+            )
+        )
     for r in policy.dns_resolvers:
         fam = _family(r)
         for l4 in ("udp", "tcp"):
@@ -178,13 +205,30 @@ def _rules(policy: Policy) -> tuple[Rule, ...]:
     nd = ["nd-neighbor-solicit", "nd-neighbor-advert"]
     for chain in ("output", "input"):
         for t in nd:
-            rules.append(Rule(chain, "rf-nd", "ip6", l4="icmpv6", icmpv6_type=t,
-                              link_local_only=True))
+            rules.append(
+                Rule(chain, "rf-nd", "ip6", l4="icmpv6", icmpv6_type=t, link_local_only=True)
+            )
     if policy.dhcp:
-        rules.append(Rule("output", "rf-nd", "ip6", l4="icmpv6", icmpv6_type="nd-router-solicit",
-                          link_local_only=True))
-        rules.append(Rule("input", "rf-nd", "ip6", l4="icmpv6", icmpv6_type="nd-router-advert",
-                          link_local_only=True))
+        rules.append(
+            Rule(
+                "output",
+                "rf-nd",
+                "ip6",
+                l4="icmpv6",
+                icmpv6_type="nd-router-solicit",
+                link_local_only=True,
+            )
+        )
+        rules.append(
+            Rule(
+                "input",
+                "rf-nd",
+                "ip6",
+                l4="icmpv6",
+                icmpv6_type="nd-router-advert",
+                link_local_only=True,
+            )
+        )
     rules.append(Rule("input", "rf-pmtu", "ip6", l4="icmpv6", icmpv6_type="packet-too-big"))
     for a in policy.allow:
         rules.extend(_allow_rules(a))
@@ -298,8 +342,7 @@ def plan(policy: Policy) -> RuleSet:
     listing = _nft_listing(rules)
     script = (
         f"add table {TABLE_FAMILY} {TABLE_NAME}\n"
-        f"delete table {TABLE_FAMILY} {TABLE_NAME}\n"
-        + listing
+        f"delete table {TABLE_FAMILY} {TABLE_NAME}\n" + listing
     )
     return RuleSet(
         policy_json=policy.to_json(),

@@ -152,7 +152,9 @@ class Policy:
             if not isinstance(entries, tuple):
                 raise PolicyError("must be a tuple", field=name, value=entries)
             if len(entries) > MAX_ENTRIES:
-                raise PolicyError(f"more than {MAX_ENTRIES} entries", field=name, value=len(entries))
+                raise PolicyError(
+                    f"more than {MAX_ENTRIES} entries", field=name, value=len(entries)
+                )
         for c in self.collectors:
             if not isinstance(c, CollectorEndpoint):
                 raise PolicyError("must be CollectorEndpoint", field="collectors", value=c)
@@ -200,8 +202,12 @@ class Policy:
     def from_dict(cls, data: object) -> Policy:
         if not isinstance(data, dict):
             raise PolicyError("policy must be a JSON object", field="policy", value=type(data))
-        _keys(data, "policy", required={"version", "collectors"},
-              optional={"dns_resolvers", "dhcp", "allow", "confirm_deadline_s"})
+        _keys(
+            data,
+            "policy",
+            required={"version", "collectors"},
+            optional={"dns_resolvers", "dhcp", "allow", "confirm_deadline_s"},
+        )
         if data["version"] != POLICY_VERSION:
             raise PolicyError(
                 f"unsupported policy version (expected {POLICY_VERSION})",
@@ -252,7 +258,8 @@ class Policy:
         """Parse and validate policy JSON; raise PolicyError naming the bad field."""
         if len(text) > MAX_POLICY_JSON_BYTES:
             raise PolicyError(
-                f"policy JSON larger than {MAX_POLICY_JSON_BYTES} bytes", field="policy",
+                f"policy JSON larger than {MAX_POLICY_JSON_BYTES} bytes",
+                field="policy",
                 value=len(text),
             )
         try:
@@ -303,4 +310,4 @@ def _str(value: object, where: str) -> str:
     return value
 
 
-__all__ = ["AllowRule", "CollectorEndpoint", "Policy", "POLICY_VERSION"]
+__all__ = ["POLICY_VERSION", "AllowRule", "CollectorEndpoint", "Policy"]

@@ -37,8 +37,9 @@ def select_backend(preferred: str | None, netns: str | None) -> FirewallBackend:
             )
         backend = cls(netns)
         if not backend.available():
-            raise BackendUnavailableError(f"backend {preferred} is not available here",
-                                          backend=preferred)
+            raise BackendUnavailableError(
+                f"backend {preferred} is not available here", backend=preferred
+            )
         return backend
     for name in ("nftables", "iptables"):
         backend = BACKENDS[name](netns)
@@ -50,6 +51,12 @@ def select_backend(preferred: str | None, netns: str | None) -> FirewallBackend:
 
 
 __all__ = [
-    "BACKENDS", "FakeBackend", "FirewallBackend", "IptablesBackend", "NftablesBackend",
-    "Snapshot", "Verified", "select_backend",
+    "BACKENDS",
+    "FakeBackend",
+    "FirewallBackend",
+    "IptablesBackend",
+    "NftablesBackend",
+    "Snapshot",
+    "Verified",
+    "select_backend",
 ]

@@ -49,7 +49,7 @@ class Snapshot:
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:
         parts = data["parts"]
         if not isinstance(parts, dict):
-            raise ValueError("snapshot parts must be an object")
+            raise TypeError("snapshot parts must be an object")
         return cls(
             backend=str(data["backend"]),
             existed=bool(data["existed"]),
@@ -95,7 +95,7 @@ class FirewallBackend(abc.ABC):
         """Whether this backend can work here. Never raises; logs why not."""
         try:
             return self._available()
-        except Exception as e:  # availability probing must not crash selection
+        except Exception as e:  # noqa: BLE001 -- probing must never crash selection
             logger.info("backend %s unavailable: %s", self.name, e)
             return False
 
@@ -118,17 +118,28 @@ class FirewallBackend(abc.ABC):
         found = self.read_back()
         if found is None:
             raise DriftError(
-                f"{self.name}: ringfence rules are missing", backend=self.name, kind="missing",
-                expected_sha256=ruleset.sha256, found=None,
-                diff="".join(difflib.unified_diff(
-                    expected.splitlines(True), [], "expected", "found")),
+                f"{self.name}: ringfence rules are missing",
+                backend=self.name,
+                kind="missing",
+                expected_sha256=ruleset.sha256,
+                found=None,
+                diff="".join(
+                    difflib.unified_diff(expected.splitlines(True), [], "expected", "found")
+                ),
             )
         if found != expected:
-            diff = "\n".join(difflib.unified_diff(
-                expected.splitlines(), found.splitlines(), "expected", "found", lineterm=""))
+            diff = "\n".join(
+                difflib.unified_diff(
+                    expected.splitlines(), found.splitlines(), "expected", "found", lineterm=""
+                )
+            )
             raise DriftError(
-                f"{self.name}: ringfence rules were altered", backend=self.name, kind="altered",
-                expected_sha256=ruleset.sha256, found=found, diff=diff,
+                f"{self.name}: ringfence rules were altered",
+                backend=self.name,
+                kind="altered",
+                expected_sha256=ruleset.sha256,
+                found=found,
+                diff=diff,
             )
         return Verified(listing=found, ruleset_sha256=ruleset.sha256)
 

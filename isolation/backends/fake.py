@@ -27,7 +27,10 @@ class FakeBackend(FirewallBackend):
     name = "fake"
 
     def __init__(
-        self, netns: str | None = None, *, is_available: bool = True,
+        self,
+        netns: str | None = None,
+        *,
+        is_available: bool = True,
         preexisting: str | None = None,
     ) -> None:
         super().__init__(netns)

@@ -24,8 +24,10 @@ from isolation.plan import (
 
 logger = logging.getLogger(__name__)
 
-_TOOLS = {4: ("iptables", "iptables-save", "iptables-restore"),
-          6: ("ip6tables", "ip6tables-save", "ip6tables-restore")}
+_TOOLS = {
+    4: ("iptables", "iptables-save", "iptables-restore"),
+    6: ("ip6tables", "ip6tables-save", "ip6tables-restore"),
+}
 _MAX_JUMP_DELETES = 16
 
 
@@ -77,8 +79,12 @@ class IptablesBackend(FirewallBackend):
         v4, v6 = self._family_listing(4), self._family_listing(6)
         if v4 is None and v6 is None:
             return None
-        out = ["# ipv4", *(v4 if v4 is not None else ["# missing"]),
-               "# ipv6", *(v6 if v6 is not None else ["# missing"])]
+        out = [
+            "# ipv4",
+            *(v4 if v4 is not None else ["# missing"]),
+            "# ipv6",
+            *(v6 if v6 is not None else ["# missing"]),
+        ]
         return "\n".join(out)
 
     def _expected_listing(self, ruleset: RuleSet) -> str:

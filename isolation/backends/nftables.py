@@ -40,17 +40,17 @@ class NftablesBackend(FirewallBackend):
         self._runner.run("nft", "-f", "-", stdin=ruleset.nft_script)
 
     def _listing(self) -> str | None:
-        result = self._runner.run(
-            "nft", "list", "table", TABLE_FAMILY, TABLE_NAME, check=False
-        )
+        result = self._runner.run("nft", "list", "table", TABLE_FAMILY, TABLE_NAME, check=False)
         if result.returncode == 0:
             return result.stdout
         if "No such file or directory" in result.stderr:
             return None
         raise CommandError(
-            f"nft list table failed: {result.stderr.strip()[:500]}", backend=self.name,
+            f"nft list table failed: {result.stderr.strip()[:500]}",
+            backend=self.name,
             argv=("nft", "list", "table", TABLE_FAMILY, TABLE_NAME),
-            returncode=result.returncode, stderr=result.stderr,
+            returncode=result.returncode,
+            stderr=result.stderr,
         )
 
     def _read_back(self) -> str | None:

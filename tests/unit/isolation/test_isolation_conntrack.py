@@ -53,5 +53,6 @@ def test_missing_conntrack_is_loud() -> None:
 def _missing(*argv: str, stdin: str | None = None, check: bool = True) -> object:
     from isolation.errors import CommandError
 
-    raise CommandError("conntrack not found", backend="conntrack", argv=argv, returncode=None,
-                       stderr="")
+    raise CommandError(
+        "conntrack not found", backend="conntrack", argv=argv, returncode=None, stderr=""
+    )

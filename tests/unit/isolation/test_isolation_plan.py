@@ -80,17 +80,18 @@ def test_no_blanket_established_accept() -> None:
 
 def test_reply_direction_needs_an_opened_flow() -> None:
     rs = plan(MATRIX["v4_only"])
-    assert not rs.accepts("input", "ip", "198.18.0.1", "198.18.0.2", "tcp", 8443, 22,
-                          original=True)
-    assert rs.accepts("output", "ip", "198.18.0.2", "198.18.0.1", "tcp", 40000, 8443,
-                      original=True)
+    assert not rs.accepts("input", "ip", "198.18.0.1", "198.18.0.2", "tcp", 8443, 22, original=True)
+    assert rs.accepts("output", "ip", "198.18.0.2", "198.18.0.1", "tcp", 40000, 8443, original=True)
 
 
 def test_every_chain_drops_by_default_and_script_is_atomic_replacement() -> None:
     rs = plan(MATRIX["dual_stack"])
     lines = rs.nft_script.splitlines()
-    assert lines[:3] == ["add table inet ringfence", "delete table inet ringfence",
-                         "table inet ringfence {"]
+    assert lines[:3] == [
+        "add table inet ringfence",
+        "delete table inet ringfence",
+        "table inet ringfence {",
+    ]
     for hook in ("input", "forward", "output"):
         assert f"type filter hook {hook} priority filter; policy drop;" in rs.nft_script
     for chain in ("RINGFENCE-IN", "RINGFENCE-FWD", "RINGFENCE-OUT"):

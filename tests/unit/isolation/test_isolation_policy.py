@@ -40,10 +40,16 @@ def test_no_collector_is_refused() -> None:
 
 
 def test_json_round_trip_is_canonical_and_order_independent() -> None:
-    a = Policy(collectors=(C6, C4), dns_resolvers=("2001:db8::53", "198.18.0.53"),
-               allow=(AllowRule("198.18.9.0/24", "tcp", 22, "in"), AllowRule("2001:db8:9::/48")))
-    b = Policy(collectors=(C4, C6, C4), dns_resolvers=("198.18.0.53", "2001:DB8:0::53"),
-               allow=(AllowRule("2001:db8:9::/48"), AllowRule("198.18.9.0/24", "tcp", 22, "in")))
+    a = Policy(
+        collectors=(C6, C4),
+        dns_resolvers=("2001:db8::53", "198.18.0.53"),
+        allow=(AllowRule("198.18.9.0/24", "tcp", 22, "in"), AllowRule("2001:db8:9::/48")),
+    )
+    b = Policy(
+        collectors=(C4, C6, C4),
+        dns_resolvers=("198.18.0.53", "2001:DB8:0::53"),
+        allow=(AllowRule("2001:db8:9::/48"), AllowRule("198.18.9.0/24", "tcp", 22, "in")),
+    )
     assert a == b
     assert a.to_json() == b.to_json()
     assert Policy.from_json(a.to_json()) == a
@@ -54,19 +60,25 @@ def test_json_round_trip_is_canonical_and_order_independent() -> None:
 @pytest.mark.parametrize(
     ("doc", "field"),
     [
-        (_doc(collectors=[{"address": "collector.example", "port": 8443}]),
-         "collectors[0].address"),
+        (
+            _doc(collectors=[{"address": "collector.example", "port": 8443}]),
+            "collectors[0].address",
+        ),
         (_doc(collectors=[{"address": "198.18.0.1", "port": 0}]), "collectors[0].port"),
         (_doc(collectors=[{"address": "198.18.0.1", "port": 65536}]), "collectors[0].port"),
         (_doc(collectors=[{"address": "198.18.0.1", "port": True}]), "collectors[0].port"),
-        (_doc(collectors=[{"address": "198.18.0.1", "port": 1, "protocol": "udp"}]),
-         "collectors.protocol"),
+        (
+            _doc(collectors=[{"address": "198.18.0.1", "port": 1, "protocol": "udp"}]),
+            "collectors.protocol",
+        ),
         (_doc(allow=[{"cidr": "198.18.0.0/33"}]), "allow[0].cidr"),
         (_doc(allow=[{"cidr": "198.18.0.1/24"}]), "allow[0].cidr"),
         (_doc(allow=[{"cidr": "0.0.0.0/0"}]), "allow[0].cidr"),
         (_doc(allow=[{"cidr": "::/0"}]), "allow[0].cidr"),
-        (_doc(allow=[{"cidr": "198.18.0.0/24", "port": 70000, "protocol": "tcp"}]),
-         "allow[0].port"),
+        (
+            _doc(allow=[{"cidr": "198.18.0.0/24", "port": 70000, "protocol": "tcp"}]),
+            "allow[0].port",
+        ),
         (_doc(allow=[{"cidr": "198.18.0.0/24", "port": 22}]), "allow.port"),
         (_doc(allow=[{"cidr": "198.18.0.0/24", "protocol": "icmp"}]), "allow.protocol"),
         (_doc(allow=[{"cidr": "198.18.0.0/24", "direction": "sideways"}]), "allow.direction"),

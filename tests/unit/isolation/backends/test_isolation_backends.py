@@ -36,8 +36,13 @@ class ScriptedRunner(Runner):
         for prefix, result in self.answers:  # type: ignore[attr-defined]
             if argv[: len(prefix)] == prefix:
                 if check and result.returncode:
-                    raise CommandError("scripted failure", backend="scripted", argv=argv,
-                                       returncode=result.returncode, stderr=result.stderr)
+                    raise CommandError(
+                        "scripted failure",
+                        backend="scripted",
+                        argv=argv,
+                        returncode=result.returncode,
+                        stderr=result.stderr,
+                    )
                 return result
         raise AssertionError(f"unexpected command {argv}")
 
@@ -96,23 +101,29 @@ def test_select_backend() -> None:
 
 def test_nftables_read_back_missing_and_present() -> None:
     nft = NftablesBackend()
-    nft._runner = ScriptedRunner([  # type: ignore[assignment]
-        (("nft", "list", "table"), Result(1, "", "Error: No such file or directory")),
-    ])
+    nft._runner = ScriptedRunner(
+        [  # type: ignore[assignment]
+            (("nft", "list", "table"), Result(1, "", "Error: No such file or directory")),
+        ]
+    )
     assert nft.read_back() is None
     with pytest.raises(DriftError):
         nft.verify(RS)
-    nft._runner = ScriptedRunner([  # type: ignore[assignment]
-        (("nft", "list", "table"), Result(0, RS.nft_listing.replace("\t", "    "), "")),
-    ])
+    nft._runner = ScriptedRunner(
+        [  # type: ignore[assignment]
+            (("nft", "list", "table"), Result(0, RS.nft_listing.replace("\t", "    "), "")),
+        ]
+    )
     assert nft.verify(RS).listing == nft.expected_listing(RS)
 
 
 def test_nftables_other_list_errors_raise() -> None:
     nft = NftablesBackend()
-    nft._runner = ScriptedRunner([  # type: ignore[assignment]
-        (("nft", "list", "table"), Result(1, "", "Error: Operation not permitted")),
-    ])
+    nft._runner = ScriptedRunner(
+        [  # type: ignore[assignment]
+            (("nft", "list", "table"), Result(1, "", "Error: Operation not permitted")),
+        ]
+    )
     with pytest.raises(CommandError):
         nft.read_back()
 
@@ -131,16 +142,21 @@ def test_nftables_restore_scripts() -> None:
 def test_iptables_apply_does_not_duplicate_jumps() -> None:
     ipt = IptablesBackend()
     saved = "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j RINGFENCE-IN\nCOMMIT\n"
-    runner = ScriptedRunner([
-        (("iptables-save",), Result(0, saved, "")),
-        (("ip6tables-save",), Result(0, "", "")),
-        (("iptables-restore",), Result(0, "", "")),
-        (("ip6tables-restore",), Result(0, "", "")),
-    ])
+    runner = ScriptedRunner(
+        [
+            (("iptables-save",), Result(0, saved, "")),
+            (("ip6tables-save",), Result(0, "", "")),
+            (("iptables-restore",), Result(0, "", "")),
+            (("ip6tables-restore",), Result(0, "", "")),
+        ]
+    )
     ipt._runner = runner  # type: ignore[assignment]
     ipt.apply(RS)
-    restores = {argv[0]: stdin for argv, stdin in runner.ran  # type: ignore[attr-defined]
-                if argv[0].endswith("restore")}
+    restores = {
+        argv[0]: stdin
+        for argv, stdin in runner.ran  # type: ignore[attr-defined]
+        if argv[0].endswith("restore")
+    }
     assert "-I INPUT 1 -j RINGFENCE-IN" not in restores["iptables-restore"]
     assert "-I OUTPUT 1 -j RINGFENCE-OUT" in restores["iptables-restore"]
     assert "-I INPUT 1 -j RINGFENCE-IN" in restores["ip6tables-restore"]
@@ -155,8 +171,10 @@ def test_iptables_expected_listing_is_what_save_prints() -> None:
     v6 = RS.iptables_v6.replace("-I INPUT 1 -j RINGFENCE-IN", "-A INPUT -j RINGFENCE-IN")
     v6 = v6.replace("-I FORWARD 1 -j RINGFENCE-FWD", "-A FORWARD -j RINGFENCE-FWD")
     v6 = v6.replace("-I OUTPUT 1 -j RINGFENCE-OUT", "-A OUTPUT -j RINGFENCE-OUT")
-    ipt._runner = ScriptedRunner([  # type: ignore[assignment]
-        (("iptables-save",), Result(0, v4, "")),
-        (("ip6tables-save",), Result(0, v6, "")),
-    ])
+    ipt._runner = ScriptedRunner(
+        [  # type: ignore[assignment]
+            (("iptables-save",), Result(0, v4, "")),
+            (("ip6tables-save",), Result(0, v6, "")),
+        ]
+    )
     assert ipt.verify(RS).ruleset_sha256 == RS.sha256
