@@ -41,7 +41,10 @@ no valid frame after it is a torn tail: it is truncated and counted. A frame who
 fails but whose length leads exactly to the end of the file or to a valid frame is skipped as
 one corrupt record (its claimed seq reported); any other damage is skipped by scanning forward
 for the next magic whose frame checks out, and counted as one corrupt record. Nothing damaged
-is rewritten. The findings are returned as a `RecoveryReport` and logged as a warning, so the
+is rewritten. `last_seq` never goes below the seq named by a damaged or torn frame whose magic
+survived (or the intact seq before it plus one, when the named seq is more than 2**16 away):
+a seq that may have been sent is never reused; skipping one is a visible gap. The findings are
+returned as a `RecoveryReport` and logged as a warning, so the
 agent can put the loss into its chain.
 
 Durability: `append` only buffers (in memory, then page cache); a background flusher thread
@@ -95,6 +98,9 @@ _MARKER_MAGIC = b"RFSa"
 _MARKER_BODY = struct.Struct("<4sBBxxQQQ32s")
 _MARKER_BYTES = _MARKER_BODY.size + _CRC.size  # 68
 _SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")
+
+# How far past the last intact seq a damaged frame's claimed seq is still believed.
+_MAX_CLAIMED_SEQ_JUMP = 1 << 16
 
 # Buffered bytes handed to the kernel in one write; bounds what sits in process memory.
 _WRITE_CHUNK_BYTES = 64 << 10
@@ -331,6 +337,7 @@ class _ScanResult:
     valid_end: int = 0  # where the file should end (after truncating a torn tail)
     last: LastRecord | None = None
     last_event: tuple[int, bytes] | None = None
+    claimed_seq: int = 0  # highest plausible seq claimed by a complete but damaged frame
 
 
 def _scan(buf: bytes, name: str, min_seq: int) -> _ScanResult:
@@ -357,6 +364,12 @@ def _scan(buf: bytes, name: str, min_seq: int) -> _ScanResult:
             pos = end
             res.valid_end = end
             continue
+        if buf[pos : pos + 4] == _MAGIC:
+            # A damaged or incomplete frame that still names a seq may have been sent (or was
+            # about to be): never reuse its seq. Skipping a seq is a visible gap; reusing one
+            # is a fork. A flipped bit in the seq field must not make the chain jump far.
+            claimed = seq if prev <= seq <= prev + _MAX_CLAIMED_SEQ_JUMP else prev + 1
+            res.claimed_seq = max(res.claimed_seq, claimed)
         if status is _Frame.BAD_CRC:
             end = pos + HEADER_BYTES + length
             if end == n or _check_frame(buf, end)[0] is _Frame.OK:
@@ -500,7 +513,7 @@ class Spool:
         torn_tails = torn_bytes = intact = 0
         last: LastRecord | None = None
         last_event = marker_event
-        prev_seq = 0
+        prev_seq = claimed = 0
         for name in names:
             path = self._dir / name
             try:
@@ -509,6 +522,7 @@ class Spool:
                 raise _io_error("read", path, e) from e
             res = _scan(buf, name, prev_seq)
             corrupt.extend(res.corrupt)
+            claimed = max(claimed, res.claimed_seq)
             if res.valid_end < len(buf):
                 torn_tails += 1
                 torn_bytes += len(buf) - res.valid_end
@@ -557,7 +571,7 @@ class Spool:
         # A segment's name is the seq of the first record written to it, so no seq at or below
         # it may be reused even if its records were lost.
         names_seq = self._segments[-1].first_seq if self._segments else 0
-        last_seq = max(acked, marker_last_seq, last.seq if last else 0, names_seq)
+        last_seq = max(acked, marker_last_seq, last.seq if last else 0, names_seq, claimed)
         self._acked = acked
         self._last_seq = self._durable_seq = self._written_last_seq = last_seq
         self._last_event = self._written_last_event = self._durable_last_event = last_event
