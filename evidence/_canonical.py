@@ -11,11 +11,14 @@ from typing import Any
 
 from evidence.errors import FormatError
 
+ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                           allow_nan=False)
+"""The canonical encoder; built once because json.dumps with options builds one per call."""
+
 
 def dumps(obj: object) -> bytes:
     """Encode `obj` as canonical JSON bytes (sorted keys, compact, ASCII)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
+    return ENCODER.encode(obj).encode("ascii")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

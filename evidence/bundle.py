@@ -96,7 +96,7 @@ class EventCodec(Protocol):
         """Return seq, agent id, time and gap range of the event; raise if unparseable."""
         ...
 
-    def render(self, event_bytes: bytes) -> Mapping[str, Any]:
+    def render(self, event_bytes: bytes) -> dict[str, Any]:
         """Return the JSON-able human-readable rendering written to events.jsonl."""
         ...
 
@@ -202,7 +202,7 @@ class VerifiedBundle:
 
 def render_line(codec: EventCodec, event_bytes: bytes) -> bytes:
     """The events.jsonl line for one event: canonical JSON of codec.render plus newline."""
-    return _canonical.dumps(dict(codec.render(event_bytes))) + b"\n"
+    return _canonical.ENCODER.encode(codec.render(event_bytes)).encode("ascii") + b"\n"
 
 
 def _custody_line(entry: Mapping[str, Any]) -> bytes:
@@ -767,104 +767,162 @@ def _hash_member(zf: zipfile.ZipFile, name: str, report: _Report) -> str | None:
     return digest.hexdigest()
 
 
+class _EventScan:
+    """State of one streaming pass over events.bin (chain, binding, rendering).
+
+    The per-event loops keep everything in locals and write state back once per chunk:
+    attribute access per event would cost more than the hashing it surrounds.
+    """
+
+    def __init__(self, manifest: BundleManifest, codec: EventCodec | None,
+                 cp_heads: dict[int, bytes]) -> None:
+        self.agent_id = manifest.agent_id
+        self.codec = codec
+        self.cp_heads = cp_heads
+        self.matched: list[int] = []
+        self.rendered = hashlib.sha256()
+        self.prev = manifest.start_seq
+        self.head = manifest.start_head
+        self.count = 0
+        self.first_seq = 0
+        self.first_ns = 0
+        self.last_ns = 0
+        self.broken: str | None = None
+
+    def scan(self, buf: bytes) -> int:
+        """Verify every complete frame in `buf`; return the offset of the first incomplete one."""
+        if self.codec is None:
+            return self._scan_plain(buf)
+        return self._scan_codec(buf, self.codec)
+
+    def _scan_plain(self, buf: bytes) -> int:
+        unpack = FRAME.unpack_from
+        header = FRAME.size
+        sha = hashlib.sha256
+        cp_heads = self.cp_heads
+        prev, head, count = self.prev, self.head, self.count
+        pos, end = 0, len(buf)
+        while pos + header <= end:
+            seq, length = unpack(buf, pos)
+            stop = pos + header + length
+            if length > MAX_EVENT_BYTES:
+                self.broken = f"framing: event at seq {seq} claims {length} bytes"
+                break
+            if stop > end:
+                break
+            if seq != prev + 1:
+                # Without a codec nobody can say whether the event is a gap event: fail closed.
+                self.broken = f"chain break at seq {seq}: {explain_jump(prev, seq, None)}"
+                break
+            head = sha(head + buf[pos + header:stop]).digest()
+            prev = seq
+            pos = stop
+            count += 1
+            expected = cp_heads.get(seq)
+            if expected is not None and self._checkpoint(seq, expected, head):
+                break
+        if count and not self.count:
+            self.first_seq = self.prev + 1
+        self.prev, self.head, self.count = prev, head, count
+        return pos
+
+    def _scan_codec(self, buf: bytes, codec: EventCodec) -> int:
+        unpack = FRAME.unpack_from
+        header = FRAME.size
+        sha = hashlib.sha256
+        describe, render, encode = codec.describe, codec.render, _canonical.ENCODER.encode
+        cp_heads, agent_id = self.cp_heads, self.agent_id
+        prev, head, count = self.prev, self.head, self.count
+        first_ns, last_ns = self.first_ns, self.last_ns
+        lines: list[str] = []
+        pos, end = 0, len(buf)
+        while pos + header <= end:
+            seq, length = unpack(buf, pos)
+            stop = pos + header + length
+            if length > MAX_EVENT_BYTES:
+                self.broken = f"framing: event at seq {seq} claims {length} bytes"
+                break
+            if stop > end:
+                break
+            event_bytes = buf[pos + header:stop]
+            try:
+                info = describe(event_bytes)
+                lines.append(encode(render(event_bytes)))
+            except Exception as e:  # noqa: BLE001 - any codec failure is a finding
+                self.broken = f"event at seq {seq} cannot be decoded: {e}"
+                break
+            if info.seq != seq:
+                self.broken = f"framing says seq {seq} but the event says seq {info.seq}"
+                break
+            if info.agent_id != agent_id:
+                self.broken = f"event at seq {seq} is from agent {info.agent_id!r}, not {agent_id!r}"
+                break
+            gap = info.gap
+            if gap is not None or seq != prev + 1:
+                reason = explain_jump(prev, seq, gap)
+                if reason is not None:
+                    self.broken = f"chain break at seq {seq}: {reason}"
+                    break
+            t = info.time_ns
+            if count == 0:
+                self.first_seq = seq
+                first_ns = last_ns = t
+            elif t < first_ns:
+                first_ns = t
+            elif t > last_ns:
+                last_ns = t
+            head = sha(head + event_bytes).digest()
+            prev = seq
+            pos = stop
+            count += 1
+            expected = cp_heads.get(seq)
+            if expected is not None and self._checkpoint(seq, expected, head):
+                break
+        if lines:
+            lines.append("")
+            self.rendered.update("\n".join(lines).encode("ascii"))
+        self.prev, self.head, self.count = prev, head, count
+        self.first_ns, self.last_ns = first_ns, last_ns
+        return pos
+
+    def _checkpoint(self, seq: int, expected: bytes, head: bytes) -> bool:
+        """Record a checkpoint match; return True (stop) when its head differs."""
+        self.matched.append(seq)
+        if expected == head:
+            return False
+        self.broken = f"chain break at or before seq {seq}"
+        return True
+
+
 def _verify_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCodec | None,
                    cp_by_seq: dict[int, tuple[str, Checkpoint]],
                    digest_ok: Callable[[str, str], bool], report: _Report) -> str | None:
     """One streaming pass over events.bin; return sha256 of the regenerated events.jsonl."""
-    agent_id = manifest.agent_id
-    cp_heads = {seq: cp.head for seq, (_, cp) in cp_by_seq.items()}
-    matched: set[int] = set()
+    scan = _EventScan(manifest, codec, {seq: cp.head for seq, (_, cp) in cp_by_seq.items()})
     file_digest = hashlib.sha256()
-    rendered = hashlib.sha256()
-    sha = hashlib.sha256
-    unpack = FRAME.unpack_from
-    header = FRAME.size
-    describe = codec.describe if codec is not None else None
-    render = codec.render if codec is not None else None
-    dumps = _canonical.dumps
-    prev = manifest.start_seq
-    head = manifest.start_head
-    count = 0
-    first_seq = 0
-    first_ns = last_ns = 0
-    broken: str | None = None
-    buf = b""
-    pos = 0
+    rest = b""
     try:
         with zf.open(EVENTS) as f:
-            while True:
-                chunk = f.read(_CHUNK)
-                if not chunk:
-                    break
+            while chunk := f.read(_CHUNK):
                 file_digest.update(chunk)
-                if broken is not None:
-                    continue
-                buf = buf[pos:] + chunk
-                pos = 0
-                end = len(buf)
-                while pos + header <= end:
-                    seq, length = unpack(buf, pos)
-                    if length > MAX_EVENT_BYTES:
-                        broken = f"framing: event at seq {seq} claims {length} bytes"
-                        break
-                    start = pos + header
-                    stop = start + length
-                    if stop > end:
-                        break
-                    event_bytes = buf[start:stop]
-                    pos = stop
-                    gap = None
-                    if describe is not None and render is not None:
-                        try:
-                            info = describe(event_bytes)
-                            rendered.update(dumps(dict(render(event_bytes))) + b"\n")
-                        except Exception as e:  # noqa: BLE001 - any codec failure is a finding
-                            broken = f"event at seq {seq} cannot be decoded: {e}"
-                            break
-                        if info.seq != seq:
-                            broken = f"framing says seq {seq} but the event says seq {info.seq}"
-                            break
-                        if info.agent_id != agent_id:
-                            broken = (f"event at seq {seq} is from agent {info.agent_id!r}, "
-                                      f"not {agent_id!r}")
-                            break
-                        gap = info.gap
-                        t = info.time_ns
-                        if count == 0:
-                            first_ns = last_ns = t
-                        elif t < first_ns:
-                            first_ns = t
-                        elif t > last_ns:
-                            last_ns = t
-                    if gap is not None or seq != prev + 1:
-                        reason = explain_jump(prev, seq, gap)
-                        if reason is not None:
-                            broken = f"chain break at seq {seq}: {reason}"
-                            break
-                    head = sha(head + event_bytes).digest()
-                    prev = seq
-                    if count == 0:
-                        first_seq = seq
-                    count += 1
-                    expected_head = cp_heads.get(seq)
-                    if expected_head is not None:
-                        matched.add(seq)
-                        if expected_head != head:
-                            name = cp_by_seq[seq][0]
-                            report.fail(name, f"head mismatch at seq {seq}: the chain recomputed "
-                                              "from events.bin differs (events at or before it "
-                                              "were altered, removed or reordered)")
-                            broken = f"chain break at or before seq {seq}"
-                            break
-            if broken is None and pos != len(buf):
-                broken = "framing: truncated frame at the end"
+                if scan.broken is None:
+                    buf = rest + chunk if rest else chunk
+                    rest = buf[scan.scan(buf):]
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
         report.fail(EVENTS, f"cannot read member from the ZIP container: {e}")
         return None
+    if scan.broken is None and rest:
+        scan.broken = f"framing: truncated frame after seq {scan.prev}"
     good = digest_ok(EVENTS, file_digest.hexdigest())
-    if broken is not None:
-        report.fail(EVENTS, broken)
+    if scan.broken is not None:
+        if scan.broken.startswith("chain break at or before seq "):
+            seq = scan.matched[-1]
+            report.fail(cp_by_seq[seq][0], f"head mismatch at seq {seq}: the chain recomputed "
+                        "from events.bin differs (events at or before it were altered, "
+                        "removed or reordered)")
+        report.fail(EVENTS, scan.broken)
         return None
+    count, prev, first_seq = scan.count, scan.prev, scan.first_seq
     problems: list[str] = []
     if count != manifest.event_count:
         problems.append(f"holds {count} events, the manifest says {manifest.event_count}")
@@ -872,21 +930,23 @@ def _verify_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCo
         problems.append(f"first seq is {first_seq}, the manifest says {manifest.first_seq}")
     if prev != manifest.end_seq:
         problems.append(f"last seq is {prev}, the manifest says {manifest.end_seq}")
-    if codec is not None and count and (first_ns, last_ns) != (manifest.first_time_ns,
-                                                               manifest.last_time_ns):
+    if codec is not None and count and (scan.first_ns, scan.last_ns) != (
+            manifest.first_time_ns, manifest.last_time_ns):
         problems.append("time range differs from the manifest")
     for problem in problems:
         report.fail(EVENTS, problem)
-    if prev not in cp_heads:
+    covered = prev in scan.cp_heads
+    if not covered:
         report.fail(EVENTS, f"last event (seq {prev}) is not covered by a checkpoint")
+    matched = set(scan.matched)
     for seq, (name, _) in sorted(cp_by_seq.items()):
         if seq not in matched:
             report.fail(name, f"seq {seq} is not an event in events.bin")
-    if good and not problems and prev in cp_heads:
+    if good and not problems and covered:
         skipped = "" if codec else "; seq/agent binding and gaps not checked (no codec)"
         report.ok(EVENTS, f"{count} events, chain verified seq {first_seq}..{prev} from "
                           f"start head, {len(matched)} checkpoints matched{skipped}")
-    return rendered.hexdigest() if codec is not None else None
+    return scan.rendered.hexdigest() if codec is not None else None
 
 
 def iter_frames(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:

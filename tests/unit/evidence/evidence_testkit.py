@@ -8,7 +8,7 @@ import io
 import json
 import struct
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +60,7 @@ class JSONCodec:
         return EventInfo(obj["seq"], obj["agent_id"], obj["time_ns"],
                          (gap[0], gap[1]) if gap else None)
 
-    def render(self, event_bytes: bytes) -> Mapping[str, Any]:
+    def render(self, event_bytes: bytes) -> dict[str, Any]:
         obj = json.loads(event_bytes)
         return {"seq": obj["seq"], "time_ns": obj["time_ns"], "kind": obj["kind"],
                 "note": obj["note"]}
