@@ -945,29 +945,43 @@ class Spool:
                     if durable_seq <= self._acked:
                         return
                 marker = _encode_marker(durable_seq, self._durable_seq, self._durable_last_event)
-            self._write_marker(marker)
-            with self._lock:
-                self._acked = durable_seq
-                doomed = [
-                    s for s in self._segments if s is not self._active and s.last_seq <= durable_seq
-                ]
-                if doomed:
-                    self._segments = [s for s in self._segments if s not in doomed]
-                    self._total -= sum(s.size for s in doomed)
-            for s in doomed:
-                try:
-                    s.path.unlink()
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    raise _io_error("unlink", s.path, e) from e
+            try:
+                self._write_marker(marker)
+            except SpoolDiskFull:
+                # A full disk must not block the ack that frees it. Deleting acked segments
+                # before the marker is persisted loses nothing unacked: after a crash the older
+                # ack point only makes the sender resend what is left.
+                logger.warning("spool %s: disk full writing ack marker; deleting first", self._dir)
+                self._delete_acked(durable_seq)
+                self._write_marker(marker)
+                return
+            self._delete_acked(durable_seq)
+
+    def _delete_acked(self, durable_seq: int) -> None:
+        """Adopt the ack in memory and delete the segments it fully covers."""
+        with self._lock:
+            self._acked = max(self._acked, durable_seq)
+            doomed = [
+                s for s in self._segments if s is not self._active and s.last_seq <= durable_seq
+            ]
             if doomed:
-                try:
-                    _fsync_dir(self._dir)
-                except OSError as e:
-                    raise _io_error("fsync", self._dir, e) from e
-                logger.debug("spool %s: ack %d deleted %d segments", self._dir, durable_seq,
-                             len(doomed))
+                self._segments = [s for s in self._segments if s not in doomed]
+                self._total -= sum(s.size for s in doomed)
+        for s in doomed:
+            try:
+                s.path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise _io_error("unlink", s.path, e) from e
+        if doomed:
+            try:
+                _fsync_dir(self._dir)
+            except OSError as e:
+                raise _io_error("fsync", self._dir, e) from e
+            logger.debug(
+                "spool %s: ack %d deleted %d segments", self._dir, durable_seq, len(doomed)
+            )
 
     def _write_marker(self, marker: bytes) -> None:
         path = self._dir / _MARKER_NAME
@@ -983,6 +997,7 @@ class Spool:
             os.replace(tmp, path)
             _fsync_dir(self._dir)
         except OSError as e:
+            tmp.unlink(missing_ok=True)
             raise _io_error("write", path, e) from e
 
     # -- stats and lifecycle ---------------------------------------------------------------
