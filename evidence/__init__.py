@@ -16,6 +16,7 @@ from evidence.bundle import (
     VerifiedBundle,
     build_bundle,
     format_report,
+    iter_frames,
     report_to_dicts,
     verify_bundle,
 )
@@ -53,7 +54,7 @@ __all__ = [
     "EventInfo", "EvidenceError", "EvidenceIOError", "FormatError", "IntegrityError",
     "MemberCheck", "PayloadTypeError", "SignatureError", "TrustError", "TrustSet",
     "VerifiedBundle", "VerifiedEnvelope", "build_bundle", "chain_head", "format_report",
-    "key_id", "link", "pae", "report_to_dicts", "sign_acquisition", "sign_checkpoint",
+    "iter_frames", "key_id", "link", "pae", "report_to_dicts", "sign_acquisition", "sign_checkpoint",
     "sign_envelope", "verify_acquisition", "verify_bundle", "verify_chain", "verify_checkpoint",
     "verify_envelope",
 ]

@@ -314,3 +314,28 @@ def test_custody_must_parse() -> None:
 
 def test_not_a_zip() -> None:
     assert_fails(b"PK\x03\x04 definitely not a zip", "(container)", "not a readable ZIP")
+
+
+def test_byte_flipped_in_raw_zip_without_fixing_crc() -> None:
+    with zipfile.ZipFile(io.BytesIO(HONEST)) as zf:
+        info = zf.getinfo("events.bin")
+    # STORED: the member's bytes start right after the 30-byte local header and its name.
+    offset = info.header_offset + 30 + len(info.filename) + len(info.extra) + 100
+    raw = bytearray(HONEST)
+    raw[offset] ^= 0x01
+    assert_fails(bytes(raw), "events.bin", "")
+
+
+def test_frame_claiming_huge_length_is_a_framing_error() -> None:
+    members = read_members(HONEST)
+    data = dict(members)["events.bin"]
+    tampered = resign(replace(members, "events.bin", data[:8] + b"\xff\xff\xff\xff" + data[12:]))
+    assert_fails(write_members(tampered), "events.bin", "framing: event at seq 1 claims")
+
+
+def test_iter_frames_reads_back_the_stored_bytes() -> None:
+    from evidence.bundle import iter_frames
+    with zipfile.ZipFile(io.BytesIO(HONEST)) as zf, zf.open("events.bin") as f:
+        frames = list(iter_frames(f))
+    chain = honest_chain(40, every=10)
+    assert frames == chain.events
