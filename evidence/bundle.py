@@ -96,7 +96,7 @@ class EventCodec(Protocol):
         """Return seq, agent id, time and gap range of the event; raise if unparseable."""
         ...
 
-    def render(self, event_bytes: bytes) -> dict[str, Any]:
+    def render(self, event_bytes: bytes) -> Mapping[str, Any]:
         """Return the JSON-able human-readable rendering written to events.jsonl."""
         ...
 
@@ -202,7 +202,10 @@ class VerifiedBundle:
 
 def render_line(codec: EventCodec, event_bytes: bytes) -> bytes:
     """The events.jsonl line for one event: canonical JSON of codec.render plus newline."""
-    return _canonical.ENCODER.encode(codec.render(event_bytes)).encode("ascii") + b"\n"
+    rendered = codec.render(event_bytes)
+    if type(rendered) is not dict:
+        rendered = dict(rendered)
+    return _canonical.ENCODER.encode(rendered).encode("ascii") + b"\n"
 
 
 def _custody_line(entry: Mapping[str, Any]) -> bytes:
@@ -847,7 +850,9 @@ class _EventScan:
             event_bytes = buf[pos + header:stop]
             try:
                 info = describe(event_bytes)
-                lines.append(encode(render(event_bytes)))
+                rendered = render(event_bytes)
+                # The canonical encoder takes dicts only; other Mappings are copied.
+                lines.append(encode(rendered if type(rendered) is dict else dict(rendered)))
             except Exception as e:  # noqa: BLE001 - any codec failure is a finding
                 self.broken = f"event at seq {seq} cannot be decoded: {e}"
                 break
