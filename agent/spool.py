@@ -80,6 +80,7 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +315,10 @@ def _decode_frame(buf: bytes | memoryview, pos: int) -> SpoolRecord:
     _m, _v, kind, flags, seq, chain_hash, length = _HEAD.unpack_from(buf, pos)
     start = pos + HEADER_BYTES
     return SpoolRecord(
-        RecordKind(kind), seq, bytes(chain_hash), bytes(buf[start : start + length]),
+        RecordKind(kind),
+        seq,
+        bytes(chain_hash),
+        bytes(buf[start : start + length]),
         bool(flags & _FLAG_PRIORITY),
     )
 
@@ -422,8 +426,16 @@ class _Segment:
     """Mutable in-memory state of one segment file; guarded by Spool._lock."""
 
     __slots__ = (
-        "first_seq", "path", "fd", "size", "written", "written_count",
-        "durable_size", "durable_count", "seqs", "offsets",
+        "durable_count",
+        "durable_size",
+        "fd",
+        "first_seq",
+        "offsets",
+        "path",
+        "seqs",
+        "size",
+        "written",
+        "written_count",
     )
 
     def __init__(self, first_seq: int, path: Path) -> None:
@@ -483,7 +495,9 @@ class Spool:
         self._corrupt = self._recovery.corrupt_skipped
         self._torn = self._recovery.torn_bytes_truncated
 
-        self._flusher = threading.Thread(target=self._run_flusher, name="spool-flusher", daemon=True)
+        self._flusher = threading.Thread(
+            target=self._run_flusher, name="spool-flusher", daemon=True
+        )
         self._flusher.start()
 
     # -- recovery --------------------------------------------------------------------------
@@ -528,7 +542,9 @@ class Spool:
                 torn_bytes += len(buf) - res.valid_end
                 logger.warning(
                     "spool segment %s: truncating torn tail of %d bytes at offset %d",
-                    name, len(buf) - res.valid_end, res.valid_end,
+                    name,
+                    len(buf) - res.valid_end,
+                    res.valid_end,
                 )
             if res.valid_end == 0:
                 try:
@@ -599,13 +615,22 @@ class Spool:
             logger.warning(
                 "spool %s recovered with loss: %d segments, %d intact records, %d corrupt "
                 "records skipped, %d torn bytes truncated in %d segments, ack marker damaged: %s",
-                self._dir, len(names), intact, len(corrupt), torn_bytes, torn_tails,
+                self._dir,
+                len(names),
+                intact,
+                len(corrupt),
+                torn_bytes,
+                torn_tails,
                 marker_damaged,
             )
         else:
             logger.info(
                 "spool %s opened: %d segments, %d records, acked %d, last seq %d",
-                self._dir, len(names), intact, acked, last_seq,
+                self._dir,
+                len(names),
+                intact,
+                acked,
+                last_seq,
             )
         return report
 
@@ -887,8 +912,17 @@ class Spool:
                     break
             seen = self._corrupt_seen
             items = [
-                (s, i, j, end, [(s.seqs[k], s.offsets[k]) for k in range(i, j)
-                                if not seen or (s.first_seq, s.offsets[k]) not in seen])
+                (
+                    s,
+                    i,
+                    j,
+                    end,
+                    [
+                        (s.seqs[k], s.offsets[k])
+                        for k in range(i, j)
+                        if not seen or (s.first_seq, s.offsets[k]) not in seen
+                    ],
+                )
                 for s, i, j, end in plan
             ]
         out: list[SpoolRecord] = []
@@ -923,7 +957,10 @@ class Spool:
             self._corrupt += 1
         logger.warning(
             "spool segment %s: record seq %d at offset %d damaged since recovery (%s); skipped",
-            seg.path.name, seq, offset, status.name,
+            seg.path.name,
+            seq,
+            offset,
+            status.name,
         )
 
     def ack(self, durable_seq: int) -> None:
@@ -939,7 +976,9 @@ class Spool:
                 if durable_seq > self._durable_seq:
                     logger.warning(
                         "spool %s: ack %d beyond durable seq %d; clamped",
-                        self._dir, durable_seq, self._durable_seq,
+                        self._dir,
+                        durable_seq,
+                        self._durable_seq,
                     )
                     durable_seq = self._durable_seq
                     if durable_seq <= self._acked:
@@ -1049,7 +1088,7 @@ class Spool:
         if error is not None:
             raise error
 
-    def __enter__(self) -> Spool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

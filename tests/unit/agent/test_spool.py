@@ -170,7 +170,9 @@ def test_ack_is_cumulative_and_clamped_to_durable(tmp_path: Path) -> None:
 def test_spool_full_refuses_telemetry_and_reserve_takes_priority(tmp_path: Path) -> None:
     frame = HEADER_BYTES + 100
     cfg = SpoolConfig(
-        max_bytes=20 * frame, priority_reserve_bytes=5 * frame, segment_bytes=5 * frame,
+        max_bytes=20 * frame,
+        priority_reserve_bytes=5 * frame,
+        segment_bytes=5 * frame,
         fsync_interval_s=NEVER,
     )
     recs = chain(40)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import signal
@@ -116,7 +117,9 @@ def test_truncated_tail_is_cut_and_counted(tmp_path: Path, cut: int) -> None:
 
 
 @pytest.mark.parametrize(("bit", "expected_last"), [(0, 11), (1, 8), (7 + 8 * 5, 10)])
-def test_damaged_last_frame_seq_is_never_reused(tmp_path: Path, bit: int, expected_last: int) -> None:
+def test_damaged_last_frame_seq_is_never_reused(
+    tmp_path: Path, bit: int, expected_last: int
+) -> None:
     """The last frame (seq 10) is complete but its seq field took a bit flip."""
     write_spool(tmp_path)
     flip(only_segment(tmp_path), 9 * FRAME + 8 + bit // 8, bit % 8)
@@ -217,7 +220,10 @@ def test_sigkill_mid_append_always_recovers_contiguously(tmp_path: Path) -> None
     for _round in range(20):
         child = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(tmp_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
         )
         assert child.stdout is not None
         ready = child.stdout.readline().split()
@@ -246,7 +252,7 @@ def test_sigkill_mid_append_always_recovers_contiguously(tmp_path: Path) -> None
             for r in recs:
                 if r.kind is RecordKind.CHECKPOINT:
                     assert r.seq % 97 == 0 and r.data == b"ckpt"
-            for a, b in zip(events, events[1:]):
+            for a, b in itertools.pairwise(events):
                 assert b.data == payload(b.seq)
                 assert b.chain_hash == hashlib.sha256(a.chain_hash + b.data).digest()
             if events:
