@@ -1,0 +1,259 @@
+"""Network flow sensor: polls the kernel socket table (/proc/net/{tcp,tcp6,udp,udp6}) and emits
+NetworkActivity open (1) when a connected flow appears and close (2) when it disappears, with
+direction, state, first/last seen and the owning pid/exe. It does not see packets or bytes
+(bytes/packets stay 0) and misses flows shorter than the poll interval.
+
+Why the socket table and not conntrack events: conntrack has no pid, needs the nf_conntrack
+module loaded (and accounting enabled for byte counts), and sees forwarded traffic we do not
+want; the socket table gives pid attribution directly. Measured on the 2-core dev VM (kernel 6.x,
+90 processes): reading the four tables costs ~6.7 ms CPU per poll, nearly all of it in the
+kernel walking its socket hash tables (0.7 % of a core at the 1 s default); the inode->pid
+scan of /proc/*/fd (~2.5 ms) runs only when a new flow's inode is not yet known, at most once
+per poll. sock_diag (NETLINK_INET_DIAG, what `ss` uses) would be cheaper and carry byte
+counts from tcp_info; it is the planned next step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import struct
+import threading
+import time
+from typing import NamedTuple
+
+from agent.sensors.base import Emit, SafeEmitter, Sensor, new_event, sensor_loss_event
+from agent.sensors.community_id import community_id
+from agent.sensors.config import NetworkSensorConfig
+from proto import ringfence_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+              6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
+              11: "CLOSING"}
+TCP_LISTEN = 10
+# A TCP flow in one of these states is over for the user even if the kernel keeps the row
+# (FIN_WAIT2/TIME_WAIT can linger for a minute): close is reported once, on the first of them.
+TCP_CLOSING = frozenset({4, 5, 6, 7, 8, 9, 11})
+DIRECTION_UNKNOWN, DIRECTION_INBOUND, DIRECTION_OUTBOUND = 0, 1, 2
+
+
+class SocketEntry(NamedTuple):
+    """One row of /proc/net/{tcp,udp}[6]."""
+
+    protocol: str      # "tcp" | "udp"
+    local_ip: str
+    local_port: int
+    remote_ip: str
+    remote_port: int
+    state: int         # kernel state number (TCP_STATES for tcp; 7 = unconnected udp)
+    uid: int
+    inode: int
+
+
+def _hex_ip(text: bytes) -> str:
+    raw = bytes.fromhex(text.decode("ascii"))
+    if len(raw) == 4:
+        return str(ipaddress.IPv4Address(struct.pack("<I", struct.unpack(">I", raw)[0])))
+    if len(raw) == 16:
+        words = struct.unpack(">4I", raw)
+        return str(ipaddress.IPv6Address(b"".join(struct.pack("<I", w) for w in words)))
+    raise ValueError(f"address of {len(raw)} bytes")
+
+
+def parse_proc_net(raw: bytes, protocol: str) -> list[SocketEntry]:
+    """Parse /proc/net/tcp|tcp6|udp|udp6 text; malformed rows are skipped (and logged)."""
+    out: list[SocketEntry] = []
+    for line in raw.split(b"\n")[1:]:
+        f = line.split()
+        if len(f) < 10:
+            continue
+        try:
+            lip, lport = f[1].split(b":")
+            rip, rport = f[2].split(b":")
+            out.append(SocketEntry(protocol, _hex_ip(lip), int(lport, 16), _hex_ip(rip),
+                                   int(rport, 16), int(f[3], 16), int(f[7]), int(f[9])))
+        except ValueError as e:
+            logger.debug("network sensor: skipped row: %s", e)
+    return out
+
+
+def read_socket_table(proc_net: str = "/proc/net") -> list[SocketEntry]:
+    """All TCP/UDP sockets of this network namespace."""
+    out: list[SocketEntry] = []
+    for name, proto in (("tcp", "tcp"), ("tcp6", "tcp"), ("udp", "udp"), ("udp6", "udp")):
+        try:
+            with open(os.path.join(proc_net, name), "rb") as f:
+                out.extend(parse_proc_net(f.read(), proto))
+        except OSError:
+            continue
+    return out
+
+
+def socket_inode_owners(wanted: set[int] | None = None) -> dict[int, int]:
+    """Map socket inode -> pid by reading /proc/*/fd links (stops early once all `wanted` seen)."""
+    owners: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        fd_dir = f"/proc/{name}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                owners.setdefault(int(link[8:-1]), int(name))
+        if wanted is not None and wanted <= owners.keys():
+            break
+    return owners
+
+
+def exe_of(pid: int) -> bytes:
+    try:
+        return os.readlink(f"/proc/{pid}/exe".encode())
+    except OSError:
+        return b""
+
+
+def _unspecified(ip: str) -> bool:
+    return ip in ("0.0.0.0", "::")
+
+
+class _Flow(NamedTuple):
+    entry: SocketEntry
+    first_ns: int
+    pid: int
+    exe: bytes
+    direction: int
+    closed: bool = False
+
+
+class NetworkSensor(Sensor):
+    """Flows from the socket table; mode "procfs"."""
+
+    name = "network"
+    mode = "procfs"
+
+    def __init__(self, config: NetworkSensorConfig = NetworkSensorConfig(),
+                 proc_net: str = "/proc/net") -> None:
+        self._config = config
+        self._proc_net = proc_net
+        self._flows: dict[tuple[str, str, int, str, int], _Flow] = {}
+        self._owners: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._emitter: SafeEmitter | None = None
+        self._lost = 0
+        self._polls = 0
+
+    def start(self, emit: Emit) -> None:
+        self._emitter = SafeEmitter(emit, "network")
+        self.poll_once(report=False)  # flows already open are the baseline, not news
+        self._thread = threading.Thread(target=self._loop, name="rf-net", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=3.0)
+
+    def stats(self) -> dict[str, int]:
+        em = self._emitter
+        return {"emitted": em.emitted if em else 0, "emit_errors": em.errors if em else 0,
+                "lost": self._lost, "polls": self._polls, "flows": len(self._flows)}
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._config.poll_interval_s):
+            try:
+                self.poll_once()
+            except Exception:
+                logger.exception("network sensor: poll failed")
+
+    def poll_once(self, report: bool = True) -> None:
+        """Diff the socket table against the previous poll and emit opens and closes."""
+        self._polls += 1
+        now = time.time_ns()
+        table = read_socket_table(self._proc_net)
+        listening = {(e.protocol, e.local_port) for e in table
+                     if e.protocol == "tcp" and e.state == TCP_LISTEN}
+        listening |= {("udp", e.local_port) for e in table
+                      if e.protocol == "udp" and _unspecified(e.remote_ip)}
+        current: dict[tuple[str, str, int, str, int], SocketEntry] = {}
+        for e in table:
+            if e.remote_port == 0 or _unspecified(e.remote_ip):
+                continue  # listening or unconnected: not a flow
+            current[(e.protocol, e.local_ip, e.local_port, e.remote_ip, e.remote_port)] = e
+        new_keys = [k for k in current if k not in self._flows]
+        unknown = {current[k].inode for k in new_keys
+                   if current[k].inode and current[k].inode not in self._owners}
+        if unknown:
+            self._owners = socket_inode_owners(unknown)
+        lost_now = 0
+        for k in new_keys:
+            if len(self._flows) >= self._config.max_flows:
+                lost_now += 1
+                continue
+            e = current[k]
+            pid = self._owners.get(e.inode, 0)
+            direction = (DIRECTION_INBOUND if (e.protocol, e.local_port) in listening
+                         else DIRECTION_OUTBOUND)
+            flow = _Flow(e, now, pid, exe_of(pid) if pid else b"", direction)
+            self._flows[k] = flow
+            if report:
+                self._emit(flow, 1, e.state, now)
+        for k in [k for k in self._flows if k not in current]:
+            flow = self._flows.pop(k)
+            if report and not flow.closed:
+                self._emit(flow, 2, flow.entry.state, now)
+        for k, e in current.items():
+            f = self._flows.get(k)
+            if f is None:
+                continue
+            if f.entry.state != e.state:
+                f = f._replace(entry=e)
+                self._flows[k] = f
+            if not f.closed and e.protocol == "tcp" and e.state in TCP_CLOSING:
+                self._flows[k] = f._replace(closed=True)
+                if report:
+                    self._emit(f, 2, e.state, now)
+        if lost_now and report and self._emitter is not None:
+            self._lost += lost_now
+            self._emitter(sensor_loss_event("network", "flow table full", lost_now, False))
+
+    def _emit(self, flow: _Flow, activity: int, state: int, now: int) -> None:
+        e = flow.entry
+        ev = new_event(now)
+        na = ev.network
+        na.activity_id = activity
+        na.protocol = e.protocol
+        local = pb.Endpoint(ip=e.local_ip, port=e.local_port)
+        remote = pb.Endpoint(ip=e.remote_ip, port=e.remote_port)
+        if flow.direction == DIRECTION_INBOUND:
+            na.src_endpoint.CopyFrom(remote)
+            na.dst_endpoint.CopyFrom(local)
+        else:
+            na.src_endpoint.CopyFrom(local)
+            na.dst_endpoint.CopyFrom(remote)
+        na.direction_id = flow.direction
+        na.state = TCP_STATES.get(state, "") if e.protocol == "tcp" else (
+            "CONNECTED" if activity == 1 else "CLOSED")
+        na.first_seen_ns = flow.first_ns
+        na.last_seen_ns = now
+        na.pid = flow.pid
+        na.exe = flow.exe
+        na.ip_version = 6 if ":" in e.local_ip else 4
+        try:
+            na.community_id = community_id(na.src_endpoint.ip, na.dst_endpoint.ip,
+                                           na.src_endpoint.port, na.dst_endpoint.port,
+                                           e.protocol)
+        except ValueError:
+            pass  # v4-mapped v6 mixes: leave it empty rather than guess
+        assert self._emitter is not None
+        self._emitter(ev)
