@@ -591,6 +591,7 @@ class Spool:
         self._acked = acked
         self._last_seq = self._durable_seq = self._written_last_seq = last_seq
         self._last_event = self._written_last_event = self._durable_last_event = last_event
+        self._drop_acked_at_open(acked)
         if self._segments:
             active = self._segments[-1]
             try:
@@ -598,7 +599,6 @@ class Spool:
             except OSError as e:
                 raise _io_error("open", active.path, e) from e
             self._active = active
-        self._drop_acked_at_open(acked)
 
         report = RecoveryReport(
             segments_scanned=len(names),
@@ -635,10 +635,11 @@ class Spool:
         return report
 
     def _drop_acked_at_open(self, acked: int) -> None:
-        """At open only (single-threaded): drop segments a previous run acked but kept."""
+        """At open only (single-threaded): drop segments a previous run acked but kept; the
+        newest segment is kept, as it becomes the active one."""
         keep: list[_Segment] = []
         for seg in self._segments:
-            if seg is not self._active and seg.last_seq <= acked:
+            if seg is not self._segments[-1] and seg.last_seq <= acked:
                 try:
                     seg.path.unlink()
                 except OSError as e:

@@ -290,3 +290,22 @@ def test_concurrent_appenders_and_reader(tmp_path: Path) -> None:
             t.join()
         assert got == list(range(1, total + 1))
         assert sp.stats().pending_records == 0
+
+
+def test_segments_acked_but_not_deleted_before_a_crash_go_at_open(tmp_path: Path) -> None:
+    cfg = SpoolConfig(segment_bytes=5 * (HEADER_BYTES + 100), fsync_interval_s=NEVER)
+    recs = chain(20)
+    with Spool(tmp_path, cfg) as sp:
+        for r in recs:
+            sp.append(r)
+        sp.flush()
+        saved = {p.name: p.read_bytes() for p in tmp_path.glob("*.seg")}
+        sp.ack(12)
+    for name, raw in saved.items():  # as if the process died between marker and unlink
+        (tmp_path / name).write_bytes(raw)
+    assert len(segment_files(tmp_path)) == 4
+    with Spool(tmp_path, cfg) as sp:
+        assert sp.recovery.clean and sp.recovery.segments_scanned == 4
+        assert segment_files(tmp_path) == sorted(saved)[2:]
+        assert read_all(sp, sp.acked_seq) == recs[12:]
+        assert sp.stats().pending_records == 8

@@ -216,7 +216,6 @@ def test_sigkill_mid_append_always_recovers_contiguously(tmp_path: Path) -> None
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     prev_last_event: tuple[int, bytes] | None = None
     durable_claims = 0
-    t0 = time.monotonic()
     for _round in range(20):
         child = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(tmp_path)],
@@ -262,4 +261,3 @@ def test_sigkill_mid_append_always_recovers_contiguously(tmp_path: Path) -> None
                 assert sp.last_event[0] >= prev_last_event[0]
             prev_last_event = sp.last_event
     assert durable_claims > 0
-    assert time.monotonic() - t0 < 60
