@@ -1,0 +1,297 @@
+"""Pure exporters of stored events: OCSF 1.3.0 dicts, Timesketch rows and flat JSONL rows.
+No IO, no CLI wiring; raw bytes (paths, argv) are decoded with backslash escapes so no byte is
+lost or invented.
+
+OCSF mapping: process -> Process Activity (1007), file -> File System Activity (1001),
+network -> Network Activity (4001), dns -> DNS Activity (4003). Bodies without an OCSF class
+(lifecycle, isolation, gap, sensor_loss, acquisition, command, triage) become Base Event
+(class_uid 0, activity_id 99 "Other") with the body under `unmapped`. File events carry no
+`actor`: inotify cannot tell which process touched a file, and an invented actor would be worse
+than none, so OCSF_REQUIRED for 1001 leaves it out.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+from google.protobuf.message import Message
+
+from proto import ringfence_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+OCSF_VERSION = "1.3.0"
+PRODUCT = {"name": "ringfence", "vendor_name": "ringfence project"}
+
+_BASE_REQUIRED = ("activity_id", "category_uid", "class_uid", "metadata", "severity_id", "time",
+                  "type_uid")
+OCSF_REQUIRED: dict[int, tuple[str, ...]] = {
+    0: _BASE_REQUIRED + ("message",),
+    1001: _BASE_REQUIRED + ("file",),
+    1007: _BASE_REQUIRED + ("process", "actor"),
+    4001: _BASE_REQUIRED + ("src_endpoint", "dst_endpoint"),
+    4003: _BASE_REQUIRED + ("query",),
+}
+
+_PROCESS_ACTIVITY = {1: "Launch", 2: "Terminate", 3: "Open", 4: "Inject", 5: "Set User ID"}
+_FILE_ACTIVITY = {1: "Create", 2: "Read", 3: "Update", 4: "Delete", 5: "Rename",
+                  6: "Set Attributes"}
+_NET_ACTIVITY = {1: "Open", 2: "Close", 3: "Reset", 4: "Fail", 5: "Refuse", 6: "Traffic",
+                 7: "Listen"}
+_DNS_ACTIVITY = {1: "Query", 2: "Response", 6: "Traffic"}
+_DIRECTION = {0: "Unknown", 1: "Inbound", 2: "Outbound", 3: "Lateral"}
+_RCODE_IDS = {"NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4,
+              "REFUSED": 5}
+_PROTO_NUM = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58, "sctp": 132}
+
+
+class ExportError(ValueError):
+    """An exported document does not satisfy its schema (names the class and the fields)."""
+
+    def __init__(self, class_uid: int, missing: list[str]) -> None:
+        super().__init__(f"OCSF class {class_uid}: missing required {', '.join(missing)}")
+        self.class_uid = class_uid
+        self.missing = missing
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _ms(ns: int) -> int:
+    return ns // 1_000_000
+
+
+def _iso(ns: int) -> str:
+    dt = datetime.datetime.fromtimestamp(ns // 1_000_000_000, datetime.timezone.utc)
+    return dt.replace(microsecond=(ns // 1000) % 1_000_000).isoformat()
+
+
+def plain(msg: Message) -> dict[str, Any]:
+    """A protobuf message as a JSON-ready dict with bytes decoded (backslash escapes)."""
+    out: dict[str, Any] = {}
+    for field, value in msg.ListFields():
+        out[field.name] = _plain_value(value)
+    return out
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, Message):
+        return plain(value)
+    if isinstance(value, bytes):
+        return _text(value)
+    if isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "items"):
+        return {str(k): _plain_value(v) for k, v in value.items()}
+    return [_plain_value(v) for v in value]
+
+
+def _hashes(sha256: str) -> list[dict[str, Any]]:
+    return [{"algorithm_id": 3, "algorithm": "SHA-256", "value": sha256}] if sha256 else []
+
+
+def _ocsf_process(p: pb.Process) -> dict[str, Any]:
+    exe = _text(p.exe)
+    out: dict[str, Any] = {"pid": p.pid, "name": p.name}
+    if p.argv:
+        out["cmd_line"] = " ".join(_text(a) for a in p.argv)
+    if exe:
+        f: dict[str, Any] = {"path": exe, "name": exe.rsplit("/", 1)[-1], "type_id": 1}
+        if p.exe_sha256:
+            f["hashes"] = _hashes(p.exe_sha256)
+        out["file"] = f
+    if "uid" not in p.unavailable:
+        out["user"] = {"uid": str(p.uid), "name": p.user}
+    if p.cwd:
+        out["working_directory"] = _text(p.cwd)
+    if p.start_time_ns:
+        out["created_time"] = _ms(p.start_time_ns)
+    if p.session_id:
+        out["session"] = {"uid": str(p.session_id)}
+    extra: dict[str, Any] = {k: v for k, v in (("ppid", p.ppid), ("euid", p.euid), ("gid", p.gid),
+                               ("tty_nr", p.tty_nr), ("argv_truncated", p.argv_truncated))
+             if v}
+    if p.unavailable:
+        extra["unavailable"] = list(p.unavailable)
+    if extra:
+        out["unmapped"] = extra
+    return out
+
+
+def _file_object(path: bytes, fa: pb.FileActivity) -> dict[str, Any]:
+    text = _text(path)
+    out: dict[str, Any] = {"path": text, "name": text.rsplit("/", 1)[-1],
+                           "parent_folder": text.rsplit("/", 1)[0] or "/",
+                           "type_id": 2 if fa.is_directory else 1}
+    if "size" not in fa.unavailable and fa.activity_id != 4:
+        out["size"] = fa.size
+        out["modified_time"] = _ms(fa.mtime_ns)
+        out["owner"] = {"uid": str(fa.uid), "name": fa.owner}
+        out["uid"] = str(fa.inode)
+    if fa.sha256:
+        out["hashes"] = _hashes(fa.sha256)
+    return out
+
+
+def _endpoint(e: pb.Endpoint) -> dict[str, Any]:
+    return {"ip": e.ip, "port": e.port}
+
+
+def to_ocsf(event: pb.Event, agent_id: str) -> dict[str, Any]:
+    """One event as an OCSF 1.3.0 document (see the module docstring for the classes)."""
+    kind = event.WhichOneof("body")
+    doc: dict[str, Any] = {
+        "time": _ms(event.time_ns),
+        "severity_id": event.severity_id,
+        "metadata": {"version": OCSF_VERSION, "product": dict(PRODUCT),
+                     "uid": f"{agent_id}:{event.seq}", "sequence": event.seq},
+        "device": {"uid": agent_id, "type_id": 0},
+    }
+    if kind == "process":
+        pa = event.process
+        doc.update(class_uid=1007, category_uid=1, activity_id=pa.activity_id,
+                   activity_name=_PROCESS_ACTIVITY.get(pa.activity_id, "Other"))
+        doc["process"] = _ocsf_process(pa.process)
+        actor: dict[str, Any] = {"process": _ocsf_process(pa.parent_process)} \
+            if pa.parent_process.pid else {"app_name": f"ringfence:{pa.source}"}
+        doc["actor"] = actor
+        if pa.activity_id == 2 and "exit_code" not in pa.process.unavailable:
+            doc["exit_code"] = pa.exit_code
+        doc["unmapped"] = {"source": pa.source, "is_fork": pa.is_fork}
+        doc["message"] = f"process {doc['activity_name'].lower()} pid {pa.process.pid}"
+    elif kind == "file":
+        fa = event.file
+        doc.update(class_uid=1001, category_uid=1, activity_id=fa.activity_id,
+                   activity_name=_FILE_ACTIVITY.get(fa.activity_id, "Other"))
+        doc["file"] = _file_object(fa.path, fa)
+        if fa.new_path:
+            doc["file_result"] = _file_object(fa.new_path, fa)
+        unmapped: dict[str, Any] = {"mode": fa.mode}
+        if fa.hash_skipped_size:
+            unmapped["hash_skipped_size"] = True
+        if fa.unavailable:
+            unmapped["unavailable"] = list(fa.unavailable)
+        doc["unmapped"] = unmapped
+        doc["message"] = f"file {doc['activity_name'].lower()} {doc['file']['path']}"
+    elif kind == "network":
+        na = event.network
+        doc.update(class_uid=4001, category_uid=4, activity_id=na.activity_id,
+                   activity_name=_NET_ACTIVITY.get(na.activity_id, "Other"))
+        doc["src_endpoint"] = _endpoint(na.src_endpoint)
+        doc["dst_endpoint"] = _endpoint(na.dst_endpoint)
+        doc["connection_info"] = {
+            "protocol_name": na.protocol, "protocol_num": _PROTO_NUM.get(na.protocol, -1),
+            "direction_id": na.direction_id, "direction": _DIRECTION.get(na.direction_id, ""),
+            "community_uid": na.community_id, "protocol_ver_id": na.ip_version}
+        doc["traffic"] = {"bytes_in": na.bytes_in, "bytes_out": na.bytes_out,
+                          "packets_in": na.packets_in, "packets_out": na.packets_out}
+        doc["start_time"] = _ms(na.first_seen_ns)
+        doc["end_time"] = _ms(na.last_seen_ns)
+        if na.pid:
+            doc["actor"] = {"process": {"pid": na.pid, "file": {"path": _text(na.exe)}}}
+        doc["unmapped"] = {"state": na.state}
+        doc["message"] = (f"{na.protocol} {na.src_endpoint.ip}:{na.src_endpoint.port} -> "
+                          f"{na.dst_endpoint.ip}:{na.dst_endpoint.port} "
+                          f"{doc['activity_name'].lower()}")
+    elif kind == "dns":
+        d = event.dns
+        doc.update(class_uid=4003, category_uid=4, activity_id=d.activity_id,
+                   activity_name=_DNS_ACTIVITY.get(d.activity_id, "Other"))
+        doc["query"] = {"hostname": d.hostname, "type": d.qtype, "class": "IN",
+                        "packet_uid": d.transaction_id}
+        if d.activity_id == 2:
+            doc["rcode"] = d.rcode
+            doc["rcode_id"] = _RCODE_IDS.get(d.rcode, 99)
+            doc["answers"] = [{"rdata": a, "packet_uid": d.transaction_id} for a in d.answers]
+        doc["src_endpoint"] = _endpoint(d.src_endpoint)
+        doc["dst_endpoint"] = _endpoint(d.dst_endpoint)
+        doc["connection_info"] = {"community_uid": d.community_id}
+        if d.pid:
+            doc["actor"] = {"process": {"pid": d.pid}}
+        doc["message"] = f"dns {doc['activity_name'].lower()} {d.hostname} {d.qtype}"
+    else:
+        body = plain(getattr(event, kind)) if kind else {}
+        doc.update(class_uid=0, category_uid=0, activity_id=99, activity_name="Other")
+        doc["message"] = _base_message(kind or "empty", body)
+        doc["unmapped"] = {"kind": kind or "", kind or "body": body}
+    doc["type_uid"] = doc["class_uid"] * 100 + doc["activity_id"]
+    return doc
+
+
+def _base_message(kind: str, body: dict[str, Any]) -> str:
+    detail = ", ".join(f"{k}={v}" for k, v in body.items()
+                       if isinstance(v, (str, int, bool)) and k not in ("ruleset", "json",
+                                                                        "policy_json"))
+    return f"{kind}: {detail}"[:512]
+
+
+def validate_ocsf(doc: dict[str, Any]) -> None:
+    """Raise ExportError unless every field OCSF_REQUIRED names for the class is present."""
+    class_uid = doc.get("class_uid")
+    if not isinstance(class_uid, int) or class_uid not in OCSF_REQUIRED:
+        raise ExportError(-1 if not isinstance(class_uid, int) else class_uid, ["class_uid"])
+    missing = [f for f in OCSF_REQUIRED[class_uid] if doc.get(f) in (None, "", {})]
+    meta = doc.get("metadata") or {}
+    if meta.get("version") != OCSF_VERSION or not (meta.get("product") or {}).get("name"):
+        missing.append("metadata.version/product")
+    if doc.get("type_uid") != class_uid * 100 + doc.get("activity_id", -1):
+        missing.append("type_uid (= class_uid*100+activity_id)")
+    if missing:
+        raise ExportError(class_uid, missing)
+
+
+_DESC = {1007: "Process", 1001: "File", 4001: "Connection", 4003: "DNS"}
+
+
+def to_timesketch(event: pb.Event, agent_id: str) -> dict[str, Any]:
+    """A Timesketch row: message, datetime (ISO 8601), timestamp (µs), timestamp_desc, fields."""
+    ocsf = to_ocsf(event, agent_id)
+    kind = event.WhichOneof("body") or "empty"
+    desc = f"{_DESC.get(ocsf['class_uid'], kind.replace('_', ' ').title())} " \
+           f"{ocsf['activity_name']}" if ocsf["class_uid"] else kind.replace("_", " ").title()
+    row: dict[str, Any] = {
+        "message": ocsf["message"],
+        "datetime": _iso(event.time_ns),
+        "timestamp": event.time_ns // 1000,
+        "timestamp_desc": desc,
+        "data_type": f"ringfence:{kind}",
+        "agent_id": agent_id,
+        "seq": event.seq,
+        "ocsf_class_uid": ocsf["class_uid"],
+    }
+    row.update(_flat_fields(event))
+    return row
+
+
+def to_jsonl(event: pb.Event, agent_id: str) -> dict[str, Any]:
+    """A flat readable row: seq, time, kind and the body's fields (bytes backslash-escaped)."""
+    kind = event.WhichOneof("body") or ""
+    row: dict[str, Any] = {"agent_id": agent_id, "seq": event.seq, "time": _iso(event.time_ns),
+                           "time_ns": event.time_ns, "severity_id": event.severity_id,
+                           "kind": kind}
+    row.update(_flat_fields(event))
+    return row
+
+
+def _flat_fields(event: pb.Event) -> dict[str, Any]:
+    kind = event.WhichOneof("body")
+    if kind is None:
+        return {}
+    out: dict[str, Any] = {}
+    _flatten(plain(getattr(event, kind)), "", out)
+    if kind == "process":
+        argv = event.process.process.argv
+        out["process.cmd_line"] = " ".join(_text(a) for a in argv)
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _flatten(v, key + ".", out)
+        else:
+            out[key] = v
