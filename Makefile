@@ -23,8 +23,8 @@ deb-check:
 $(VENV_STAMP): pyproject.toml | deb-check
 	@test -x $(PY) || python3 -m venv .venv
 	@$(PY) -m pip install -q --upgrade pip 2>/dev/null
-	@$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
-	@$(PY) -c "import grpc, cryptography, psutil, watchdog, scapy" 
+	@$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -c "import grpc, cryptography, psutil, watchdog, scapy"
 	@touch $(VENV_STAMP)
 
 proto: setup

@@ -849,6 +849,7 @@ class EnrollResponse(google.protobuf.message.Message):
     CERTIFICATE_PEM_FIELD_NUMBER: builtins.int
     CA_PEM_FIELD_NUMBER: builtins.int
     COMMAND_PUBLIC_KEY_FIELD_NUMBER: builtins.int
+    COLLECTOR_PORT_FIELD_NUMBER: builtins.int
     agent_id: builtins.str
     certificate_pem: builtins.bytes
     """client certificate; URI SAN = ringfence://agent/<agent_id>"""
@@ -856,6 +857,11 @@ class EnrollResponse(google.protobuf.message.Message):
     """fleet CA chain"""
     command_public_key: builtins.bytes
     """raw Ed25519 key that signs commands; pinned by the agent"""
+    collector_port: builtins.int
+    """Port of the mutual-TLS collector on the host the agent enrolled against. Enrollment has a
+    listener of its own because a TLS port either requires client certificates or does not
+    ask for them (see docs/adr/0002-enrollment-listener.md).
+    """
     def __init__(
         self,
         *,
@@ -863,8 +869,9 @@ class EnrollResponse(google.protobuf.message.Message):
         certificate_pem: builtins.bytes = ...,
         ca_pem: builtins.bytes = ...,
         command_public_key: builtins.bytes = ...,
+        collector_port: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["agent_id", b"agent_id", "ca_pem", b"ca_pem", "certificate_pem", b"certificate_pem", "command_public_key", b"command_public_key"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["agent_id", b"agent_id", "ca_pem", b"ca_pem", "certificate_pem", b"certificate_pem", "collector_port", b"collector_port", "command_public_key", b"command_public_key"]) -> None: ...
 
 Global___EnrollResponse: typing_extensions.TypeAlias = EnrollResponse
 

@@ -1,0 +1,206 @@
+"""The running agent: wires sensors, the evidence chain, spool, session, isolation and the
+command executor together, in the order that keeps every promise:
+
+1. open the spool (recovering after a crash) and resume the chain from its durable head;
+2. record a START event that names the head it resumes from;
+3. re-apply a persisted isolation *before* connecting, and watch it for drift;
+4. start sensors, the executor and the session.
+
+On stop it records STOP, signs a final checkpoint, gives the session a moment to deliver, and
+leaves any isolation in force.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import __version__
+from agent.actions.isolation import IsolationController, IsolationTransition
+from agent.chain import EvidenceChain
+from agent.commands import CommandGate
+from agent.config import AgentConfig
+from agent.executor import Executor
+from agent.rpc import Endpoint, SessionTransport
+from agent.sensors import Sensor, build_sensors
+from agent.session import Session
+from agent.spool import Spool
+from agent.state import AgentPaths, Enrollment
+from evidence.keys import load_private_key, public_key_from_bytes
+from isolation import FirewallBackend, IsolationError, select_backend
+from isolation.backends.fake import FakeBackend
+from proto import ringfence_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+TRANSITIONS: dict[str, int] = {name.lower(): int(value) for name, value in
+                               pb.IsolationActivity.Transition.items()}
+DRAIN_ON_STOP_S = 5.0
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    agent_id: str
+    seq: int
+    acked_seq: int
+    connected: bool
+    isolation: str
+    sensors: dict[str, str]
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, paths: AgentPaths, enrollment: Enrollment) -> None:
+        self.config = config
+        self.paths = paths
+        self.enrollment = enrollment
+        self.agent_id = enrollment.agent_id
+        key = load_private_key(paths.identity_key)
+        self._key: Ed25519PrivateKey = key
+        self.spool = Spool(paths.spool, config.spool)
+        self.chain = EvidenceChain(self.agent_id, key, self.spool, config.chain)
+        transport = SessionTransport(
+            Endpoint(f"{enrollment.server_host}:{enrollment.collector_port}",
+                     enrollment.tls_name),
+            paths.ca.read_bytes(), paths.tls_key.read_bytes(), paths.certificate.read_bytes())
+        self._applied_at = float("inf")
+        self.backend = self._backend()
+        self.isolation = IsolationController(self.backend, paths.isolation,
+                                             emit=self._isolation_event,
+                                             session_healthy=self._session_healthy)
+        self.gate = CommandGate(self.agent_id,
+                                public_key_from_bytes(bytes.fromhex(enrollment.command_public_key)),
+                                paths.commands)
+        self.sensors: list[Sensor] = build_sensors(config.sensors)
+        self.session = Session(transport, self.spool, self._hello, self._on_command,
+                               config.session, heartbeat=self._heartbeat)
+        self.executor = Executor(self.agent_id, self.gate, key, self.isolation, self.chain.record,
+                                 self._send_result, config.max_file_bytes, self._send_chunk)
+        self._threads: list[threading.Thread] = []
+
+    def _backend(self) -> FirewallBackend:
+        iso = self.config.isolation
+        if iso.backend == "fake":
+            logger.warning("isolation uses the FAKE backend: no firewall rules will be applied")
+            return FakeBackend()
+        try:
+            return select_backend(iso.backend, iso.netns)
+        except IsolationError as e:
+            # Loud, and visible to responders: the agent runs, but isolation commands will fail.
+            logger.error("no firewall backend available, isolation will fail: %s", e)
+            return FakeBackend(is_available=False)
+
+    # -- callbacks ------------------------------------------------------------------------------
+    def sensor_modes(self) -> dict[str, str]:
+        modes = {s.name: s.mode for s in self.sensors}
+        modes["isolation"] = self.backend.name if self.backend.available() else "unavailable"
+        return modes
+
+    def _hello(self, acked_seq: int) -> pb.Hello:
+        return pb.Hello(agent_id=self.agent_id, last_acked_seq=acked_seq,
+                        agent_version=__version__, last_command_seq=self.gate.last_seq,
+                        isolation_state=self.isolation.state, sensors=self.sensor_modes())
+
+    def _heartbeat(self) -> pb.Heartbeat:
+        stats = self.spool.stats()
+        return pb.Heartbeat(time_ns=time.time_ns(), spooled=stats.pending_records,
+                            dropped=self.chain.dropped)
+
+    def _on_command(self, envelope: bytes) -> None:
+        self.executor.submit(envelope)
+
+    def _send_result(self, result: pb.CommandResult) -> bool:
+        return self.session.send(pb.AgentMessage(result=result))
+
+    def _send_chunk(self, chunk: pb.FileChunk) -> bool:
+        return self.session.send(pb.AgentMessage(file_chunk=chunk), timeout=60.0)
+
+    def _record_telemetry(self, event: pb.Event) -> None:
+        self.chain.record(event)
+
+    def _session_healthy(self) -> bool:
+        if self.session.healthy_since(self._applied_at):
+            return True
+        self.session.ping()
+        return False
+
+    def _isolation_event(self, t: IsolationTransition) -> None:
+        if t.transition == "applied":
+            self._applied_at = time.monotonic()
+        self.chain.record(pb.Event(
+            severity_id=4 if t.transition in ("failed", "drift") else 2,
+            isolation=pb.IsolationActivity(
+                transition=TRANSITIONS.get(t.transition, 0),  # type: ignore[arg-type]
+                command_id=t.command_id,
+                backend=t.backend, ruleset_sha256=t.ruleset_sha256, ruleset=t.listing,
+                policy_json=t.policy_json, reason=t.reason,
+                connections_cut=t.connections_cut or 0)))
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self, stop: threading.Event) -> None:
+        seq, head = self.chain.head
+        recovery = self.spool.recovery
+        self.chain.record(pb.Event(severity_id=1, lifecycle=pb.AgentLifecycle(
+            kind=pb.AgentLifecycle.START, agent_version=__version__, prev_head=head.hex(),
+            sensors=self.sensor_modes(), hostname=socket.gethostname(), pid=os.getpid(),
+            message=f"resuming after seq {seq}")))
+        if recovery.corrupt_skipped or recovery.torn_bytes_truncated:
+            self.chain.record(pb.Event(severity_id=4, sensor_loss=pb.SensorLoss(
+                sensor="spool", reason=f"spool recovery: {recovery.corrupt_skipped} corrupt "
+                f"records skipped, {recovery.torn_bytes_truncated} torn bytes truncated",
+                lost=recovery.corrupt_skipped)))
+        outcome = self.isolation.resume_from_disk()
+        if outcome is not None:
+            logger.warning("re-applied persisted isolation (command %s): %s",
+                           outcome.command_id, outcome.state)
+        self.isolation.start_drift_watch()
+        for sensor in self.sensors:
+            try:
+                sensor.start(self._record_telemetry)
+            except Exception as e:
+                logger.error("sensor %s failed to start: %s", sensor.name, e)
+                self.chain.record(pb.Event(severity_id=4, lifecycle=pb.AgentLifecycle(
+                    kind=pb.AgentLifecycle.SENSOR_ERROR, message=f"{sensor.name}: {e}")))
+        self.executor.start()
+        for name, target in (("session", self.session.run), ("housekeeping", self._housekeep)):
+            thread = threading.Thread(target=target, args=(stop,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        logger.info("agent %s running; sensors: %s", self.agent_id, self.sensor_modes())
+
+    def _housekeep(self, stop: threading.Event) -> None:
+        while not stop.wait(1.0):
+            self.chain.flush_gap()
+            self.chain.checkpoint()
+
+    def stop(self, stop: threading.Event) -> None:
+        """Record STOP and a final checkpoint, try to deliver them, then shut down."""
+        for sensor in self.sensors:
+            try:
+                sensor.stop()
+            except Exception:
+                logger.exception("sensor %s did not stop cleanly", sensor.name)
+        self.chain.record(pb.Event(severity_id=1, lifecycle=pb.AgentLifecycle(
+            kind=pb.AgentLifecycle.STOP, agent_version=__version__)))
+        self.chain.checkpoint(force=True)
+        self.spool.flush()
+        deadline = time.monotonic() + DRAIN_ON_STOP_S
+        while (self.session.connected.is_set() and self.spool.acked_seq < self.spool.last_seq
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        stop.set()
+        self.isolation.stop()
+        self.executor.stop()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.spool.close()
+
+    def status(self) -> AgentStatus:
+        return AgentStatus(self.agent_id, self.chain.seq, self.spool.acked_seq,
+                           self.session.connected.is_set(), self.isolation.state,
+                           self.sensor_modes())

@@ -1,0 +1,187 @@
+"""Verified ingest: recompute each agent's hash chain from the bytes received, then store them.
+
+This is where "hash what you store, store what you hashed" is enforced. It decides what a batch
+means for the chain (new, duplicate, fork, explained loss, unexplained gap, checkpoint
+mismatch) and records every anomaly as an integrity alert; it does no networking and no SQL.
+
+Exceptions:
+
+    IngestError                 root: the batch was refused and nothing of it was stored
+    +-- MalformedBatch          bytes that are not a valid Event, or violate limits
+    +-- IdentityMismatch        an event claims to come from another agent
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from collector.store.base import (
+    AgentRecord,
+    ChainState,
+    CheckpointRow,
+    EventRow,
+    IngestResult,
+    IntegrityAlertRow,
+    Store,
+)
+from evidence.chain import GENESIS_HASH, link
+from evidence.checkpoint import verify_checkpoint
+from evidence.errors import EvidenceError
+from evidence.keys import public_key_from_bytes
+from proto import ringfence_pb2 as pb
+from proto.limits import MAX_EVENT_BYTES, MAX_EVENTS_PER_BATCH
+
+logger = logging.getLogger(__name__)
+
+
+
+class IngestError(Exception):
+    """A batch was refused; nothing of it was stored."""
+
+
+class MalformedBatch(IngestError):
+    def __init__(self, agent_id: str, index: int, reason: str) -> None:
+        super().__init__(f"event {index} of the batch is malformed: {reason}")
+        self.agent_id = agent_id
+        self.index = index
+        self.reason = reason
+
+
+class IdentityMismatch(IngestError):
+    def __init__(self, agent_id: str, claimed: str) -> None:
+        super().__init__("an event names a different agent than the connection's certificate")
+        self.agent_id = agent_id
+        self.claimed = claimed
+
+
+@dataclass(frozen=True)
+class DecodedEvent:
+    seq: int
+    data: bytes
+    event: pb.Event
+    kind: str
+
+
+def decode_batch(agent_id: str, events: Sequence[bytes]) -> list[DecodedEvent]:
+    """Parse and validate a batch without storing anything; raise on the first bad event."""
+    if len(events) > MAX_EVENTS_PER_BATCH:
+        raise MalformedBatch(agent_id, len(events), f"more than {MAX_EVENTS_PER_BATCH} events")
+    decoded: list[DecodedEvent] = []
+    for index, data in enumerate(events):
+        if len(data) > MAX_EVENT_BYTES:
+            raise MalformedBatch(agent_id, index, f"larger than {MAX_EVENT_BYTES} bytes")
+        try:
+            event = pb.Event.FromString(data)
+        except DecodeError as e:
+            raise MalformedBatch(agent_id, index, "not a valid Event message") from e
+        kind = event.WhichOneof("body")
+        if event.seq == 0 or kind is None:
+            raise MalformedBatch(agent_id, index, "missing seq or body")
+        if event.agent_id != agent_id:
+            raise IdentityMismatch(agent_id, event.agent_id)
+        if decoded and event.seq <= decoded[-1].seq:
+            raise MalformedBatch(agent_id, index, "seq does not increase within the batch")
+        decoded.append(DecodedEvent(event.seq, data, event, kind))
+    return decoded
+
+
+class Ingestor:
+    """Verifies and stores batches for agents; keeps each agent's chain head in the store."""
+
+    def __init__(self, store: Store, clock: Callable[[], int] = time.time_ns) -> None:
+        self._store = store
+        self._clock = clock
+
+    def ingest(self, agent: AgentRecord, events: Sequence[bytes],
+               checkpoints: Sequence[bytes] = ()) -> tuple[IngestResult, list[DecodedEvent]]:
+        """Verify one batch against the stored chain and commit it atomically.
+
+        Returns what was stored and the decoded new events (for the control plane). Raises
+        IngestError for a batch that must be refused, StoreUnavailable when storage fails.
+        """
+        agent_id = agent.agent_id
+        decoded = decode_batch(agent_id, events)
+        now = self._clock()
+        state = self._store.chain_state(agent_id)
+        last_seq, head = state.last_seq, (state.head or GENESIS_HASH)
+        new_rows: list[EventRow] = []
+        fork_rows: list[EventRow] = []
+        alerts: list[IntegrityAlertRow] = []
+        heads: dict[int, bytes] = {}
+        duplicates = 0
+        new_events: list[DecodedEvent] = []
+
+        def alert(kind: str, seq: int, detail: str) -> None:
+            logger.warning("integrity alert for agent %s: %s at seq %d: %s",
+                           agent_id, kind, seq, detail)
+            alerts.append(IntegrityAlertRow(agent_id, kind, seq, detail, now))
+
+        for d in decoded:
+            if d.seq <= last_seq:
+                stored = self._store.stored_event(agent_id, d.seq)
+                if stored is not None and stored.data == d.data:
+                    duplicates += 1
+                    continue
+                # Same seq, different bytes: a fork. Keep both versions, never overwrite.
+                fork_rows.append(EventRow(agent_id, d.seq, d.event.time_ns, d.kind, d.data,
+                                          link(head, d.data), now))
+                alert("fork", d.seq, "a second, different event arrived for an already stored "
+                      "seq; both versions are kept")
+                continue
+            if d.seq > last_seq + 1:
+                first_missing, last_missing = last_seq + 1, d.seq - 1
+                gap = d.event.gap if d.kind == "gap" else None
+                if gap is not None and (gap.first_seq, gap.last_seq) == (first_missing,
+                                                                        last_missing):
+                    alert("recorded_loss", d.seq,
+                          f"agent dropped {last_missing - first_missing + 1} events "
+                          f"(seq {first_missing}..{last_missing}): {gap.reason}")
+                else:
+                    alert("gap", d.seq, f"events seq {first_missing}..{last_missing} never "
+                          "arrived and no gap record names them; the chain cannot be verified "
+                          "across them")
+            elif d.kind == "gap":
+                alert("malformed_gap", d.seq, "a gap record that names no missing seqs")
+            head = link(head, d.data)
+            heads[d.seq] = head
+            last_seq = d.seq
+            new_rows.append(EventRow(agent_id, d.seq, d.event.time_ns, d.kind, d.data, head, now))
+            new_events.append(d)
+
+        checkpoint_rows = self._checkpoints(agent, checkpoints, heads, alert)
+        chain = ChainState(last_seq, head)
+        self._store.commit_batch(new_rows, fork_rows, checkpoint_rows, alerts, chain)
+        return IngestResult(len(new_rows), duplicates, chain), new_events
+
+    def _checkpoints(self, agent: AgentRecord, envelopes: Sequence[bytes],
+                     heads: dict[int, bytes],
+                     alert: Callable[[str, int, str], None]) -> list[CheckpointRow]:
+        rows: list[CheckpointRow] = []
+        if not envelopes:
+            return rows
+        key = public_key_from_bytes(agent.identity_key)
+        for envelope in envelopes:
+            try:
+                cp = verify_checkpoint(envelope, key, expected_agent_id=agent.agent_id)
+            except EvidenceError as e:
+                alert("bad_signature", 0, f"a checkpoint failed verification: {e}")
+                continue
+            expected = heads.get(cp.seq)
+            if expected is None:
+                stored = self._store.stored_event(agent.agent_id, cp.seq)
+                expected = stored.chain_hash if stored is not None else None
+            if expected is None:
+                alert("checkpoint_unanchored", cp.seq,
+                      "a checkpoint names a seq the collector has not stored")
+                continue
+            if expected != cp.head:
+                alert("checkpoint_mismatch", cp.seq, "the agent-signed head differs from the "
+                      "head recomputed from the stored bytes")
+                continue
+            rows.append(CheckpointRow(agent.agent_id, cp.seq, cp.head, cp.time_ns, envelope))
+        return rows

@@ -1,0 +1,120 @@
+"""Composition root of `ringfence server run`: builds the store, PKI, control plane and the
+three listeners (enrollment, collector, admin), and shuts them down cleanly.
+
+Nothing here decides policy; it only wires the parts together from a frozen RunConfig.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from collector.rpc import CollectorService, SessionRegistry
+from collector.store.sqlite import SQLiteStore
+from evidence.keys import load_private_key, public_key_bytes
+from proto import ringfence_pb2_grpc as pb_grpc
+from proto.limits import server_options
+from server.admin import Admin
+from server.bundles import BundleService
+from server.commands import CommandQueue
+from server.control import BlobStore, ControlPlane
+from server.fleet import Enrollment, load_config
+from server.pki import CertificateAuthority, ServerPaths
+from server.rpc import AdminService, EnrollmentService
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data_dir: Path
+    listen: str = "0.0.0.0:8443"          # collector (agents, mutual TLS)
+    admin: str = "127.0.0.1:8444"         # admin API (responders, mutual TLS)
+    enroll: str = "0.0.0.0:8442"          # enrollment (TLS, server-authenticated only)
+    advertise: tuple[str, ...] = ()       # collector addresses for isolation policies
+    max_sessions: int = 1000
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """Handles to a started server; `ports` holds the bound ports (useful with port 0)."""
+
+    ports: dict[str, int]
+    servers: tuple[grpc.Server, ...]
+    store: SQLiteStore
+    stopped: threading.Event
+
+    def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        events = [s.stop(grace_s) for s in self.servers]
+        for e in events:
+            e.wait(grace_s + 1)
+        self.store.close()
+        self.stopped.set()
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials) -> int:
+    port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: address in use or not available")
+    return port
+
+
+def start(config: RunConfig) -> RunningServer:
+    paths = ServerPaths(config.data_dir)
+    fleet = load_config(paths)
+    ca = CertificateAuthority.load(paths)
+    signing_key = load_private_key(paths.signing_key)
+    store = SQLiteStore(paths.database)
+    registry = SessionRegistry()
+    commands = CommandQueue(store, registry, signing_key)
+    control = ControlPlane(store, registry, commands, BlobStore(paths.blobs))
+    server_pair = [(paths.server_key.read_bytes(), paths.server_cert.read_bytes())]
+    ca_pem = paths.ca_cert.read_bytes()
+    tls_only = grpc.ssl_server_credentials(server_pair)
+    mutual = grpc.ssl_server_credentials(server_pair, root_certificates=ca_pem,
+                                         require_client_auth=True)
+    options = server_options()
+    enroll_server = grpc.server(futures.ThreadPoolExecutor(8, thread_name_prefix="enroll"),
+                                options=options)
+    # Each agent session holds one worker thread for its stream; the pool bounds sessions.
+    collector_server = grpc.server(
+        futures.ThreadPoolExecutor(config.max_sessions + 16, thread_name_prefix="collector"),
+        options=options, maximum_concurrent_rpcs=config.max_sessions)
+    admin_server = grpc.server(futures.ThreadPoolExecutor(16, thread_name_prefix="admin"),
+                               options=options)
+    ports = {
+        "enroll": _bind(enroll_server, config.enroll, tls_only),
+        "collector": _bind(collector_server, config.listen, mutual),
+        "admin": _bind(admin_server, config.admin, mutual),
+    }
+
+    advertise = list(config.advertise) or list(fleet.addresses)
+    admin = Admin(store, registry, commands, [(a, ports["collector"]) for a in advertise])
+    pb_grpc.add_EnrollmentServicer_to_server(
+        EnrollmentService(Enrollment(store, ca, public_key_bytes(signing_key.public_key()),
+                                     ports["collector"])), enroll_server)
+    pb_grpc.add_CollectorServicer_to_server(CollectorService(store, control, registry),
+                                            collector_server)
+    bundles = BundleService(store, admin, paths, signing_key)
+    pb_grpc.add_AdminServicer_to_server(AdminService(admin, store, bundles.stream),
+                                        admin_server)
+    for s in (enroll_server, collector_server, admin_server):
+        s.start()
+    run_dir = config.data_dir / "run"
+    run_dir.mkdir(exist_ok=True, mode=0o700)
+    admin_host = config.admin.rsplit(":", 1)[0]
+    (run_dir / "server.json").write_text(json.dumps({
+        "admin": f"{admin_host}:{ports['admin']}", "collector_port": ports["collector"],
+        "enroll_port": ports["enroll"]}))
+    logger.info("ringfence server listening: enroll %s, collector %s, admin %s",
+                ports["enroll"], ports["collector"], ports["admin"])
+    return RunningServer(ports, (enroll_server, collector_server, admin_server), store,
+                         threading.Event())

@@ -1,0 +1,39 @@
+"""The protobuf side of evidence: how the server and the offline verifier read event bytes.
+
+`evidence` treats events as opaque bytes; this codec tells it each event's seq, agent and gap
+range, and renders the derived `events.jsonl` line. It parses; it never re-encodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from evidence.bundle import EventInfo
+from evidence.errors import FormatError
+from proto import ringfence_pb2 as pb
+from server.export import to_jsonl
+
+
+def parse_event(event_bytes: bytes) -> pb.Event:
+    try:
+        return pb.Event.FromString(event_bytes)
+    except DecodeError as e:
+        raise FormatError("event bytes are not a valid ringfence Event") from e
+
+
+class ProtoEventCodec:
+    """EventCodec for ringfence.v1.Event bytes."""
+
+    def describe(self, event_bytes: bytes) -> EventInfo:
+        event = parse_event(event_bytes)
+        gap = None
+        if event.WhichOneof("body") == "gap":
+            gap = (event.gap.first_seq, event.gap.last_seq)
+        return EventInfo(event.seq, event.agent_id, event.time_ns, gap)
+
+    def render(self, event_bytes: bytes) -> Mapping[str, Any]:
+        event = parse_event(event_bytes)
+        return to_jsonl(event, event.agent_id)

@@ -1,0 +1,111 @@
+"""Signed commands to agents: building, signing, queueing, delivering and tracking them.
+
+A command is a DSSE envelope (payloadType `application/vnd.ringfence.command.v1+json`) signed
+by the server's command key, naming its target agent, a random nonce id, issue and expiry times
+and a per-agent sequence number. This module issues and tracks commands; it does not decide who
+may issue them (server.admin does) and it does not execute them (the agent does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from collector.rpc import SessionRegistry
+from collector.store.base import CommandRow, Store
+from evidence.dsse import COMMAND_TYPE, sign_envelope
+
+logger = logging.getLogger(__name__)
+
+COMMAND_FORMAT = "ringfence.command.v1"
+DEFAULT_EXPIRY_S = 3600
+FINAL_STATUSES = frozenset({"succeeded", "failed", "rejected", "expired"})
+
+
+def command_payload(command_id: str, agent_id: str, seq: int, action: str,
+                    params: Mapping[str, Any], issued_ns: int, expires_ns: int) -> bytes:
+    """Canonical JSON of a command (sorted keys, compact)."""
+    return json.dumps(
+        {"format": COMMAND_FORMAT, "command_id": command_id, "agent_id": agent_id, "seq": seq,
+         "action": action, "params": dict(params), "issued_ns": issued_ns,
+         "expires_ns": expires_ns},
+        sort_keys=True, separators=(",", ":")).encode()
+
+
+class CommandQueue:
+    """Issues commands, delivers them to live sessions, and lets callers wait for results."""
+
+    def __init__(self, store: Store, registry: SessionRegistry, key: Ed25519PrivateKey) -> None:
+        self._store = store
+        self._registry = registry
+        self._key = key
+        self._changed = threading.Condition()
+        # Sequence numbers are per agent and must never repeat, even under concurrent issue.
+        self._issue_lock = threading.Lock()
+
+    def issue(self, agent_id: str, action: str, params: Mapping[str, Any], actor: str,
+              reason: str, expires_s: int = DEFAULT_EXPIRY_S) -> CommandRow:
+        now = time.time_ns()
+        with self._issue_lock:
+            seq = self._store.next_command_seq(agent_id)
+            command_id = secrets.token_hex(16)
+            expires_ns = now + expires_s * 1_000_000_000
+            envelope = sign_envelope(
+                COMMAND_TYPE,
+                command_payload(command_id, agent_id, seq, action, params, now, expires_ns),
+                self._key)
+            row = CommandRow(command_id, agent_id, seq, action, envelope, "pending", "", "{}",
+                             now, expires_ns, now, actor, reason)
+            self._store.add_command(row)
+        logger.info("command %s (%s) issued for agent %s by %s", command_id, action, agent_id,
+                    actor)
+        self.deliver(agent_id)
+        return self._store.get_command(command_id)
+
+    def deliver(self, agent_id: str) -> None:
+        """Send every pending command of an agent if it is connected; the rest wait."""
+        session = self._registry.get(agent_id)
+        if session is None:
+            return
+        for row in self._store.open_commands(agent_id, time.time_ns()):
+            if row.status == "pending" and session.send_command(row.envelope):
+                self.update(row.command_id, "sent", "delivered to the agent", row.detail_json)
+
+    def redeliver(self, agent_id: str) -> None:
+        """On reconnect: re-send commands the agent has not answered (it drops duplicates)."""
+        session = self._registry.get(agent_id)
+        if session is None:
+            return
+        for row in self._store.open_commands(agent_id, time.time_ns()):
+            if row.status in ("pending", "sent") and session.send_command(row.envelope):
+                if row.status == "pending":
+                    self.update(row.command_id, "sent", "delivered to the agent", row.detail_json)
+
+    def update(self, command_id: str, status: str, message: str, detail_json: str) -> None:
+        self._store.update_command(command_id, status, message, detail_json, time.time_ns())
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait(self, command_id: str, until: frozenset[str], timeout_s: float) -> CommandRow:
+        """Block until the command reaches one of `until` (or a final status) or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                row = self._store.get_command(command_id)
+                if row.status in until or row.status in FINAL_STATUSES:
+                    return row
+                if row.expires_ns <= time.time_ns():
+                    self.update(command_id, "expired", "the agent did not answer before expiry",
+                                row.detail_json)
+                    return self._store.get_command(command_id)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return row
+                self._changed.wait(min(remaining, 0.5))
