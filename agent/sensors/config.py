@@ -47,6 +47,7 @@ class ProcessSensorConfig:
     queue_max: int = 8192                 # raw exec/exit records waiting for enrichment
     emit_forks: bool = False              # fork-without-exec events double the volume
     rcvbuf_bytes: int = 8 * MiB           # netlink socket receive buffer
+    recv_nice: int = -20                  # nice of the netlink receive thread (needs CAP_SYS_NICE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +128,10 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
             raise SensorConfigError(key, "must be a boolean")
         return value
     if isinstance(default, int):
+        if key.endswith("_nice"):
+            if isinstance(value, bool) or not isinstance(value, int) or not -20 <= value <= 19:
+                raise SensorConfigError(key, "must be an integer from -20 to 19")
+            return value
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise SensorConfigError(key, "must be a non-negative integer")
         return value

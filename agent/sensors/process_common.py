@@ -70,6 +70,9 @@ def read_snapshot(pid: int, argv_max_bytes: int) -> RawSnapshot:
         exe: bytes | None = os.readlink(base.encode() + b"exe")
     except OSError:
         exe = None
+    # cmdline right after exe: both vanish when the process exits, and short-lived processes
+    # exit within a millisecond of exec.
+    cmdline = _read(base + "cmdline", argv_max_bytes + 1)
     key: ExeKey | None = None
     if exe is not None:
         try:
@@ -77,7 +80,6 @@ def read_snapshot(pid: int, argv_max_bytes: int) -> RawSnapshot:
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError:
             key = None
-    cmdline = _read(base + "cmdline", argv_max_bytes + 1)
     try:
         cwd: bytes | None = os.readlink(base.encode() + b"cwd")
     except OSError:

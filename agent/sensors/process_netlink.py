@@ -143,6 +143,12 @@ class NetlinkProcessSensor(Sensor):
             self._count("queue_dropped")
 
     def _receive_loop(self) -> None:
+        # The /proc reads race the process's exit, so this thread gets scheduled first when it
+        # can (root / CAP_SYS_NICE); the nice value is per thread on Linux.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._config.recv_nice)
+        except (OSError, AttributeError):
+            pass
         argv_max = self._config.argv_max_bytes
         emit_forks = self._config.emit_forks
         pids = self._enricher.pids

@@ -25,6 +25,7 @@ def test_from_dict_overrides() -> None:
     assert cfg.process.mode == "psutil" and cfg.process.poll_interval_s == 2.0
     assert cfg.file.paths == ("/srv",) and cfg.file.exclude == ("*.log",)
     assert cfg.network.dns is False and cfg.network.flows is True
+    assert SensorsConfig.from_dict({"process": {"recv_nice": 5}}).process.recv_nice == 5
 
 
 @pytest.mark.parametrize("table,key", [
@@ -37,6 +38,7 @@ def test_from_dict_overrides() -> None:
     ({"network": {"poll_interval_s": 0}}, "network.poll_interval_s"),
     ({"process": {"mode": "ebpf"}}, "process.mode"),
     ({"process": []}, "process"),
+    ({"process": {"recv_nice": -21}}, "process.recv_nice"),
 ])
 def test_bad_keys_and_types_are_named(table: dict[str, object], key: str) -> None:
     with pytest.raises(SensorConfigError) as info:
