@@ -48,5 +48,8 @@ def build_sensors(config: SensorsConfig) -> list[Sensor]:
     if nc.enabled and nc.flows:
         sensors.append(NetworkSensor(nc))
     if nc.enabled and nc.dns:
-        sensors.append(DnsSensor(nc))
+        try:
+            sensors.append(DnsSensor(nc))
+        except SensorUnavailable as e:  # no CAP_NET_RAW: flows still work, DNS does not
+            logger.warning("dns sensor unavailable: %s", e.reason)
     return sensors
