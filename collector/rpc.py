@@ -101,6 +101,12 @@ class AgentSession:
                 self.closed.set()
 
 
+    def revoke(self) -> None:
+        """End the stream because the agent's certificate was revoked."""
+        self.close(grpc.StatusCode.PERMISSION_DENIED,
+                   "this agent's certificate was revoked; re-enroll it with a new token")
+
+
 class SessionRegistry:
     """Live sessions by agent id; a new session for an agent replaces the old one."""
 
@@ -131,7 +137,8 @@ class SessionRegistry:
 
 def peer_identity(context: grpc.ServicerContext) -> PeerIdentity:
     """The verified identity of the caller, from the TLS peer certificate."""
-    certs: list[bytes] = list(context.auth_context().get("x509_pem_cert") or [])
+    raw: bytes | list[bytes] = context.auth_context().get("x509_pem_cert") or []
+    certs: list[bytes] = [raw] if isinstance(raw, bytes) else list(raw)
     if not certs:
         raise PeerIdentityError("no client certificate")
     return peer_from_pem(bytes(certs[0]))

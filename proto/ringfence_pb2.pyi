@@ -1645,3 +1645,42 @@ class ListAuditResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["records", b"records", "verified", b"verified", "verify_error", b"verify_error"]) -> None: ...
 
 Global___ListAuditResponse: typing_extensions.TypeAlias = ListAuditResponse
+
+@typing.final
+class RevokeAgentRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    host: builtins.str
+    """agent id or hostname"""
+    reason: builtins.str
+    """required; goes into the audit log"""
+    def __init__(
+        self,
+        *,
+        host: builtins.str = ...,
+        reason: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["host", b"host", "reason", b"reason"]) -> None: ...
+
+Global___RevokeAgentRequest: typing_extensions.TypeAlias = RevokeAgentRequest
+
+@typing.final
+class RevokeAgentResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: builtins.int
+    SESSION_CLOSED_FIELD_NUMBER: builtins.int
+    agent_id: builtins.str
+    session_closed: builtins.bool
+    """a live session was open and has been closed"""
+    def __init__(
+        self,
+        *,
+        agent_id: builtins.str = ...,
+        session_closed: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["agent_id", b"agent_id", "session_closed", b"session_closed"]) -> None: ...
+
+Global___RevokeAgentResponse: typing_extensions.TypeAlias = RevokeAgentResponse

@@ -258,6 +258,11 @@ class AdminStub:
                 request_serializer=proto_dot_ringfence__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=proto_dot_ringfence__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
+        self.RevokeAgent = channel.unary_unary(
+                '/ringfence.v1.Admin/RevokeAgent',
+                request_serializer=proto_dot_ringfence__pb2.RevokeAgentRequest.SerializeToString,
+                response_deserializer=proto_dot_ringfence__pb2.RevokeAgentResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -327,6 +332,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeAgent(self, request, context):
+        """Revoke an agent's certificate: refused on its next connection, live session closed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -379,6 +391,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=proto_dot_ringfence__pb2.ListAuditRequest.FromString,
                     response_serializer=proto_dot_ringfence__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'RevokeAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAgent,
+                    request_deserializer=proto_dot_ringfence__pb2.RevokeAgentRequest.FromString,
+                    response_serializer=proto_dot_ringfence__pb2.RevokeAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -655,6 +672,33 @@ class Admin:
             '/ringfence.v1.Admin/ListAudit',
             proto_dot_ringfence__pb2.ListAuditRequest.SerializeToString,
             proto_dot_ringfence__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ringfence.v1.Admin/RevokeAgent',
+            proto_dot_ringfence__pb2.RevokeAgentRequest.SerializeToString,
+            proto_dot_ringfence__pb2.RevokeAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -332,7 +332,23 @@ _AdminListAuditType = typing_extensions.TypeVar(
     ],
 )
 
-class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _AdminListIntegrityAlertsType, _AdminIsolateType, _AdminReleaseType, _AdminCollectType, _AdminTriageType, _AdminGetCommandType, _AdminCreateBundleType, _AdminListAuditType]):
+_AdminRevokeAgentType = typing_extensions.TypeVar(
+    '_AdminRevokeAgentType',
+    grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.RevokeAgentRequest,
+        proto.ringfence_pb2.RevokeAgentResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.RevokeAgentRequest,
+        proto.ringfence_pb2.RevokeAgentResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.RevokeAgentRequest,
+        proto.ringfence_pb2.RevokeAgentResponse,
+    ],
+)
+
+class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _AdminListIntegrityAlertsType, _AdminIsolateType, _AdminReleaseType, _AdminCollectType, _AdminTriageType, _AdminGetCommandType, _AdminCreateBundleType, _AdminListAuditType, _AdminRevokeAgentType]):
     """---------------------------------------------------------------------------------------------
     Admin API (mutual TLS, responder certificates; role checked on every call)
     ---------------------------------------------------------------------------------------------
@@ -380,6 +396,10 @@ class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _Admi
             proto.ringfence_pb2.ListAuditRequest,
             proto.ringfence_pb2.ListAuditResponse,
         ],
+        grpc.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.RevokeAgentRequest,
+            proto.ringfence_pb2.RevokeAgentResponse,
+        ],
     ], channel: grpc.Channel) -> None: ...
 
     @typing.overload
@@ -424,6 +444,10 @@ class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _Admi
             proto.ringfence_pb2.ListAuditRequest,
             proto.ringfence_pb2.ListAuditResponse,
         ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.RevokeAgentRequest,
+            proto.ringfence_pb2.RevokeAgentResponse,
+        ],
     ], channel: grpc.aio.Channel) -> None: ...
 
     ListHosts: _AdminListHostsType
@@ -445,6 +469,9 @@ class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _Admi
     CreateBundle: _AdminCreateBundleType
 
     ListAudit: _AdminListAuditType
+
+    RevokeAgent: _AdminRevokeAgentType
+    """Revoke an agent's certificate: refused on its next connection, live session closed."""
 
 AdminAsyncStub: typing_extensions.TypeAlias = AdminStub[
     grpc.aio.UnaryUnaryMultiCallable[
@@ -486,6 +513,10 @@ AdminAsyncStub: typing_extensions.TypeAlias = AdminStub[
     grpc.aio.UnaryUnaryMultiCallable[
         proto.ringfence_pb2.ListAuditRequest,
         proto.ringfence_pb2.ListAuditResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.RevokeAgentRequest,
+        proto.ringfence_pb2.RevokeAgentResponse,
     ],
 ]
 
@@ -564,5 +595,13 @@ class AdminServicer(metaclass=abc.ABCMeta):
         request: proto.ringfence_pb2.ListAuditRequest,
         context: _ServicerContext,
     ) -> typing.Union[proto.ringfence_pb2.ListAuditResponse, collections.abc.Awaitable[proto.ringfence_pb2.ListAuditResponse]]: ...
+
+    @abc.abstractmethod
+    def RevokeAgent(
+        self,
+        request: proto.ringfence_pb2.RevokeAgentRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[proto.ringfence_pb2.RevokeAgentResponse, collections.abc.Awaitable[proto.ringfence_pb2.RevokeAgentResponse]]:
+        """Revoke an agent's certificate: refused on its next connection, live session closed."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

@@ -51,6 +51,7 @@ REQUIRED_ROLE = {
     "triage": "responder",
     "create_bundle": "responder",
     "list_audit": "admin",
+    "revoke_agent": "admin",
 }
 MAX_REASON = 1024
 MAX_QUERY_LIMIT = 100_000
@@ -95,8 +96,9 @@ class AllowSpec:
     direction: str
 
 
-def verify_audit(rows: list[AuditRow]) -> None:
-    """Recompute the audit chain; raise InvalidRequest naming the first bad record."""
+def verify_audit(rows: list[AuditRow], head: tuple[int, bytes] | None) -> None:
+    """Recompute the audit chain and compare its end with the recorded head; raise
+    InvalidRequest naming the first bad record (edited, deleted, or cut off the end)."""
     prev = GENESIS_AUDIT
     expected_seq = 1
     for row in rows:
@@ -110,6 +112,12 @@ def verify_audit(rows: list[AuditRow]) -> None:
             raise InvalidRequest(f"audit record {row.seq} was altered after it was written")
         prev = row.hash
         expected_seq += 1
+    last = (rows[-1].seq, rows[-1].hash) if rows else None
+    if last != head:
+        if head is None:
+            raise InvalidRequest("the audit head record is missing: the log was tampered with")
+        raise InvalidRequest(f"the audit log ends at record {last[0] if last else 0} but record "
+                             f"{head[0]} was written: records were deleted from the end")
 
 
 class Admin:
@@ -172,12 +180,35 @@ class Admin:
         self.authorize(actor, "list_audit")
         rows = self._store.audit_rows()
         try:
-            verify_audit(rows)
+            verify_audit(rows, self._store.audit_head())
             return rows, ""
         except InvalidRequest as e:
             return rows, str(e)
 
     # -- actions --------------------------------------------------------------------------------
+    def revoke_agent(self, actor: Actor, host: str, reason: str) -> tuple[str, bool]:
+        """Revoke an agent: its certificate is refused from now on and a live session ends.
+
+        Returns the agent id and whether a live session was closed.
+        """
+        if not reason.strip():
+            self.audit(actor, "revoke_agent", host, reason, "refused: no reason given")
+            raise InvalidRequest("revoking an agent needs a --reason: it goes into the audit log")
+        self.authorize(actor, "revoke_agent", host, reason)
+        try:
+            agent = self.find_host(host)
+        except InvalidRequest:
+            self.audit(actor, "revoke_agent", host, reason, "failed: unknown host")
+            raise
+        self._store.revoke_agent(agent.agent_id)
+        session = self._registry.get(agent.agent_id)
+        if session is not None:
+            session.revoke()
+        self.audit(actor, "revoke_agent", agent.agent_id, reason,
+                   "allowed: revoked" + (", live session closed" if session else ""))
+        logger.warning("agent %s revoked by %s", agent.agent_id, actor.name)
+        return agent.agent_id, session is not None
+
     def _command(self, actor: Actor, action: str, host: str, reason: str,
                  params: dict[str, object], expires_s: int = 3600) -> CommandRow:
         if not reason.strip():

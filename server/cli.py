@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from collector.store.sqlite import SQLiteStore
+from collector.store.base import NotFound
+from collector.store.sqlite import SQLiteStore, token_digest
 from evidence.bundle import TrustSet, report_to_dicts, verify_bundle
 from evidence.errors import BundleVerificationError, EvidenceError
 from evidence.keys import load_public_key, public_key_from_bytes
@@ -28,6 +29,7 @@ from server.admin import verify_audit, InvalidRequest
 from server.codec import ProtoEventCodec, parse_event
 from server.export import to_jsonl, to_ocsf, to_timesketch
 from server.fleet import FleetError, create_responder, create_token, init_server, load_config
+from server.fleet import TOKEN_ID_HEX, token_id
 from server.fleet import parse_duration
 from server.pki import CertificateAuthority, Identity, PKIError, ServerPaths
 from server.rpc import AdminClient, ClientError, ServerAddress
@@ -120,9 +122,37 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     store = _open_store(args)
     try:
         ttl = parse_duration(args.ttl)
-        print(create_token(store, uses=args.uses, ttl_s=ttl))
+        token = create_token(store, uses=args.uses, ttl_s=ttl)
     finally:
         store.close()
+    # stdout carries only the token (scripts capture it); the id to revoke it by goes to stderr.
+    print(token)
+    print(f"token id {token_id(token)} (revoke with `ringfence token revoke {token_id(token)}`)",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        if args.token.startswith("rft_"):
+            store.revoke_token(token_digest(args.token))
+            revoked = token_id(args.token)
+        else:
+            revoked = store.revoke_token_by_id(args.token).hex()[:TOKEN_ID_HEX]
+    except NotFound as e:
+        raise CLIError(f"{e}; nothing was revoked") from e
+    finally:
+        store.close()
+    print(f"token {revoked} revoked: it can no longer enroll agents")
+    return EXIT_OK
+
+
+def cmd_agent_revoke(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.revoke_agent(args.host, args.reason)
+    print(f"agent {response.agent_id} revoked: its certificate is refused from now on"
+          + ("; its live session was closed" if response.session_closed else ""))
     return EXIT_OK
 
 
@@ -488,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uses", type=int, default=1)
     p.add_argument("--ttl", default="24h", help="lifetime, e.g. 30m, 24h, 7d")
     p.set_defaults(func=cmd_token_create)
+    p = token.add_parser("revoke", help="revoke an enrollment token so it enrolls no more agents")
+    p.add_argument("token", help="the token itself, or its id (hex, as printed at creation)")
+    p.add_argument("--data-dir", required=True)
+    p.set_defaults(func=cmd_token_revoke)
 
     responder = sub.add_parser("responder", help="responder identities").add_subparsers(
         dest="responder_command", required=True)
@@ -503,6 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("host")
     p.add_argument("--data-dir", required=True)
     p.set_defaults(func=cmd_agent_key)
+    p = agent.add_parser("revoke", help="revoke an agent: refuse its certificate, end its session")
+    p.add_argument("host", help="agent id or hostname")
+    p.add_argument("--reason", required=True)
+    _add_connection(p)
+    p.set_defaults(func=cmd_agent_revoke)
 
     p = sub.add_parser("hosts", help="list the fleet")
     _add_connection(p)

@@ -193,6 +193,12 @@ class AdminService(pb_grpc.AdminServicer):
             target=r.target, reason=r.reason, outcome=r.outcome, hash=r.hash.hex())
             for r in rows], verified=not error, verify_error=error)
 
+    def RevokeAgent(self, request: pb.RevokeAgentRequest,
+                    context: grpc.ServicerContext) -> pb.RevokeAgentResponse:
+        agent_id, closed = self._call(context, lambda a: self._admin.revoke_agent(
+            a, request.host, request.reason))
+        return pb.RevokeAgentResponse(agent_id=agent_id, session_closed=closed)
+
 
 # -- client side (CLI) --------------------------------------------------------------------------
 
@@ -281,3 +287,6 @@ class AdminClient:
 
     def audit(self, limit: int = 0) -> pb.ListAuditResponse:
         return self._unary(self._stub.ListAudit, pb.ListAuditRequest(limit=limit))
+
+    def revoke_agent(self, host: str, reason: str) -> pb.RevokeAgentResponse:
+        return self._unary(self._stub.RevokeAgent, pb.RevokeAgentRequest(host=host, reason=reason))

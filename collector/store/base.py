@@ -181,6 +181,11 @@ class Store(abc.ABC):
     def revoke_token(self, token_hash: bytes) -> None: ...
 
     @abc.abstractmethod
+    def revoke_token_by_id(self, token_id: str) -> bytes:
+        """Revoke the one token whose hash starts with the hex `token_id`; return its hash.
+        Raise NotFound when none or more than one token matches."""
+
+    @abc.abstractmethod
     def register_agent(self, agent: AgentRecord) -> None: ...
 
     @abc.abstractmethod
@@ -285,6 +290,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def audit_rows(self) -> list[AuditRow]: ...
+
+    @abc.abstractmethod
+    def audit_head(self) -> tuple[int, bytes] | None:
+        """(seq, hash) of the last audit record as written alongside it, so deleting records
+        from the end of the log is detected too; None when nothing was ever audited."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -156,6 +157,19 @@ class SQLiteStore(Store):
             if db.execute("UPDATE tokens SET revoked = 1 WHERE token_hash = ?",
                           (token_hash,)).rowcount == 0:
                 raise NotFound("no such token")
+
+    def revoke_token_by_id(self, token_id: str) -> bytes:
+        token_id = token_id.lower()
+        if not re.fullmatch(r"[0-9a-f]{8,64}", token_id):
+            raise NotFound("a token id is 8 to 64 hex digits (printed by `ringfence token create`)")
+        with self._tx() as db:
+            rows = db.execute("SELECT token_hash FROM tokens WHERE substr(hex(token_hash), 1, ?) "
+                              "= ?", (len(token_id), token_id.upper())).fetchall()
+            if len(rows) != 1:
+                raise NotFound(f"{'no' if not rows else 'more than one'} token has id "
+                               f"{token_id}; give more digits or the token itself")
+            db.execute("UPDATE tokens SET revoked = 1 WHERE token_hash = ?", (rows[0][0],))
+            return bytes(rows[0][0])
 
     # -- agents ---------------------------------------------------------------------------------
     def register_agent(self, agent: AgentRecord) -> None:
@@ -431,12 +445,24 @@ class SQLiteStore(Store):
             db.execute("INSERT INTO audit (seq, time_ns, actor, role, action, target, reason, "
                        "outcome, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (seq, time_ns, actor, role, action, target, reason, outcome, prev, digest))
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('audit_head', ?)",
+                       (f"{seq}:{digest.hex()}",))
         return AuditRow(seq, time_ns, actor, role, action, target, reason, outcome, prev, digest)
 
     def audit_rows(self) -> list[AuditRow]:
         return [AuditRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]), bytes(r[9]))
                 for r in self._query("SELECT seq, time_ns, actor, role, action, target, reason, "
                                      "outcome, prev_hash, hash FROM audit ORDER BY seq")]
+
+    def audit_head(self) -> tuple[int, bytes] | None:
+        rows = self._query("SELECT value FROM meta WHERE key = 'audit_head'")
+        if not rows:
+            return None
+        seq, _, digest = str(rows[0][0]).partition(":")
+        try:
+            return int(seq), bytes.fromhex(digest)
+        except ValueError:
+            return -1, b""
 
     def close(self) -> None:
         with self._lock:
