@@ -36,6 +36,17 @@ class SessionConfig:
 
 
 _END = object()
+# 2 ** 30 times any sane initial backoff is far beyond any cap; clamping the exponent keeps a
+# collector outage of days from overflowing the float arithmetic.
+_MAX_BACKOFF_EXPONENT = 30
+
+
+def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
+    """Seconds to wait before reconnect attempt `attempt` (0-based): full jitter between half
+    the initial delay and an exponentially growing cap, so many agents reconnecting after a
+    collector restart spread out instead of arriving together."""
+    cap = min(max_s, initial_s * 2 ** min(attempt, _MAX_BACKOFF_EXPONENT))
+    return rng.uniform(initial_s / 2, max(cap, initial_s / 2))
 
 
 class _Connection:
@@ -88,8 +99,10 @@ class Session:
     def __init__(self, transport: SessionTransport, spool: Spool,
                  hello: Callable[[int], pb.Hello], on_command: Callable[[bytes], None],
                  config: SessionConfig = SessionConfig(),
-                 heartbeat: Callable[[], pb.Heartbeat] | None = None) -> None:
+                 heartbeat: Callable[[], pb.Heartbeat] | None = None,
+                 rng: random.Random | None = None) -> None:
         self._transport = transport
+        self._rng = rng or random.Random()
         self._spool = spool
         self._hello = hello
         self._on_command = on_command
@@ -135,11 +148,10 @@ class Session:
                 logger.warning("session to the collector broke (%s): %s", e.code, e.message)
             if time.monotonic() - started > 30:
                 attempt = 0
-            # Full jitter: many agents reconnecting after a collector restart spread out
-            # instead of arriving together.
-            cap = min(self._config.backoff_max_s, self._config.backoff_initial_s * 2 ** attempt)
+            delay = backoff_delay(attempt, self._config.backoff_initial_s,
+                                  self._config.backoff_max_s, self._rng)
             attempt += 1
-            stop.wait(random.uniform(self._config.backoff_initial_s / 2, cap))
+            stop.wait(delay)
 
     def _run_once(self, stop: threading.Event) -> None:
         conn = _Connection(self._config.outbound_queue)
