@@ -121,7 +121,11 @@ class CommandGate:
         self._save()
 
     def mark_done(self, command: Command, status: str, message: str, detail_json: str) -> None:
-        self._results[command.command_id] = PriorResult(status, message, detail_json)
+        self.finish(command.command_id, status, message, detail_json)
+
+    def finish(self, command_id: str, status: str, message: str, detail_json: str) -> None:
+        """Persist the final result of a started command (answered again on redelivery)."""
+        self._results[command_id] = PriorResult(status, message, detail_json)
         while len(self._results) > REMEMBERED_RESULTS:
             self._results.pop(next(iter(self._results)))
         self._save()

@@ -73,6 +73,18 @@ class Executor:
         except queue.Full:
             logger.error("command queue full: a command was not taken; the server redelivers it")
 
+    def finish_resumed(self, outcome: IsolationOutcome) -> None:
+        """Report the outcome of an isolate command whose confirmation was interrupted by an
+        agent restart and completed (or reverted) after resuming. Only a command still marked
+        started in the gate is reported; anything else was already answered."""
+        prior = self._gate.prior_result(outcome.command_id)
+        if prior is None or prior.status != "accepted":
+            return
+        result = _isolation_outcome(outcome, "isolation confirmed after agent restart")
+        detail_json = json.dumps(result.detail, sort_keys=True)
+        self._gate.finish(outcome.command_id, result.status, result.message, detail_json)
+        self._report(outcome.command_id, "isolate", result.status, result.message, result.detail)
+
     def _run(self) -> None:
         while True:
             envelope = self._queue.get()

@@ -78,7 +78,8 @@ class Agent:
                                 paths.commands)
         self.sensors: list[Sensor] = build_sensors(config.sensors)
         self.session = Session(transport, self.spool, self._hello, self._on_command,
-                               config.session, heartbeat=self._heartbeat)
+                               config.session, heartbeat=self._heartbeat,
+                               on_server_message=self.isolation.wake)
         self.executor = Executor(self.agent_id, self.gate, key, self.isolation, self.chain.record,
                                  self._send_result, config.max_file_bytes, self._send_chunk)
         self._threads: list[threading.Thread] = []
@@ -130,7 +131,8 @@ class Agent:
         return False
 
     def _isolation_event(self, t: IsolationTransition) -> None:
-        if t.transition == "applied":
+        if t.transition in ("applied", "reapplied"):
+            # Confirmation needs collector traffic after the rules (re)took effect.
             self._applied_at = time.monotonic()
         self.chain.record(pb.Event(
             severity_id=4 if t.transition in ("failed", "drift") else 2,
@@ -171,7 +173,20 @@ class Agent:
             thread = threading.Thread(target=target, args=(stop,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        if outcome is not None and outcome.state == "pending":
+            # Died while an isolation awaited confirmation: confirm-or-revert again, now that
+            # the session runs (docs/adr/0003-isolation-resume.md).
+            thread = threading.Thread(target=self._confirm_resumed, name="isolation-confirm",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
         logger.info("agent %s running; sensors: %s", self.agent_id, self.sensor_modes())
+
+    def _confirm_resumed(self) -> None:
+        outcome = self.isolation.confirm()
+        logger.warning("resumed isolation (command %s) after confirm-or-revert: %s %s",
+                       outcome.command_id, outcome.state, outcome.reason)
+        self.executor.finish_resumed(outcome)
 
     def _housekeep(self, stop: threading.Event) -> None:
         while not stop.wait(1.0):

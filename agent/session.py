@@ -100,7 +100,8 @@ class Session:
                  hello: Callable[[int], pb.Hello], on_command: Callable[[bytes], None],
                  config: SessionConfig = SessionConfig(),
                  heartbeat: Callable[[], pb.Heartbeat] | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 on_server_message: Callable[[], None] | None = None) -> None:
         self._transport = transport
         self._rng = rng or random.Random()
         self._spool = spool
@@ -108,6 +109,8 @@ class Session:
         self._on_command = on_command
         self._config = config
         self._heartbeat = heartbeat or (lambda: pb.Heartbeat(time_ns=time.time_ns()))
+        # Called after each server message is handled (isolation confirm waits on it).
+        self._on_server_message = on_server_message
         self._conn: _Connection | None = None
         self._lock = threading.Lock()
         self._last_server_message = 0.0       # time.monotonic() of the last message received
@@ -173,6 +176,8 @@ class Session:
                     self._on_ack(conn, message.ack.durable_seq)
                 elif kind == "command":
                     self._on_command(bytes(message.command.envelope))
+                if self._on_server_message is not None:
+                    self._on_server_message()
         finally:
             self.connected.clear()
             with self._lock:

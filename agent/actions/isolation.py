@@ -12,9 +12,14 @@ block call `apply_isolation()` (returns a pending outcome with the rules in forc
 isolation in force exactly like a crash would.
 
 States: none -> pending (rules applied, awaiting confirmation) -> isolated -> releasing ->
-none; failed when the last isolation attempt was rolled back. After a restart persisted
-isolation is re-applied as isolated, even when the crash happened while pending: an agent
-crash leaves isolation in force.
+none; failed when the last isolation attempt was rolled back. The state file says `pending`
+until the collector confirmed the new rules and `isolated` after. After a restart persisted
+isolation is re-applied before the agent connects (an agent crash leaves isolation in force);
+a confirmed isolation resumes as isolated, but one that crashed while pending resumes as
+pending and must pass confirm-or-revert again, so a policy that blocks the collector cannot
+lock the responder out across a crash (docs/adr/0003-isolation-resume.md). `wake()` lets the
+caller end a confirmation wait early when the session hears from the collector, so
+confirmation is event-driven rather than paced by `poll_interval_s`.
 """
 
 from __future__ import annotations
@@ -155,6 +160,7 @@ class IsolationController:
         self._state = "none"
         self._active: _Active | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._watch_stop = threading.Event()
         self._watch_thread: threading.Thread | None = None
 
@@ -223,10 +229,8 @@ class IsolationController:
                 **base,
             )
             self._emit("verified", listing=verified.listing, **base)
-            try:
-                self._persist(active, "isolated")
-            except StateStoreError as e:
-                return self._revert(active, f"cannot persist isolation state: {e}")
+            # The state file keeps saying "pending" until confirm(): a crash before the
+            # collector answered must lead to confirm-or-revert again, not to trust.
             self._active = active
             self._stop.clear()
             return IsolationOutcome(True, self._state, command_id, ruleset.sha256, note, cut)
@@ -248,17 +252,29 @@ class IsolationController:
         end = self._clock() + deadline_s
         healthy = False
         while True:
+            # Cleared before the check, so a wake() between check and wait is not lost.
+            self._wake.clear()
             if self._safe_healthy():
                 healthy = True
                 break
             remaining = end - self._clock()
-            if remaining <= 0 or self._stop.wait(min(self._poll_interval_s, remaining)):
+            if remaining <= 0 or self._stop.is_set():
+                break
+            self._wake.wait(min(self._poll_interval_s, remaining))
+            if self._stop.is_set():
                 break
         with self._lock:
             if self._active is not active or self._state != "pending":
                 return IsolationOutcome(self._state == "isolated", self._state, active.command_id)
             if healthy:
                 self._state = "isolated"
+                try:
+                    self._persist(active, "isolated")
+                except StateStoreError as e:
+                    # The rules are in force and the collector answers through them; the file
+                    # still says pending, so a restart would re-confirm: safe, but say so.
+                    logger.error("isolation %s confirmed but not persisted as such: %s",
+                                 active.command_id, e)
                 self._emit(
                     "confirmed",
                     command_id=active.command_id,
@@ -316,6 +332,7 @@ class IsolationController:
             self._active = None
             self._state = "none"
             self._stop.set()  # wake a pending confirm(); it sees the release and returns
+            self._wake.set()
             self._emit(
                 "released",
                 command_id=command_id,
@@ -327,20 +344,29 @@ class IsolationController:
     def resume_from_disk(self) -> IsolationOutcome | None:
         """At agent start, before connecting: re-apply persisted isolation, if any.
 
-        Returns None when nothing was persisted. If re-applying fails the isolation stays
-        intended (state failed) and the drift watcher keeps retrying.
+        Returns None when nothing was persisted. A confirmed isolation resumes as isolated; if
+        re-applying it fails the isolation stays intended (state failed) and the drift watcher
+        keeps retrying. An isolation that was still pending (the agent died while waiting for
+        confirmation) is re-applied and resumes as pending: the caller must run `confirm()`
+        once the session is started, which reverts it if the collector does not answer within
+        the policy's deadline. If re-applying a pending isolation fails it is reverted now.
         """
         with self._lock:
-            record = self._load_state()
-            if record is None:
+            loaded = self._load_state()
+            if loaded is None:
                 return None
-            active = record
+            active, status = loaded
             self._active = active
             self._stop.clear()
             try:
                 self._backend.apply(active.ruleset)
                 verified = self._backend.verify(active.ruleset)
             except IsolationError as e:
+                if status == "pending":
+                    self._state = "pending"
+                    return self._revert(
+                        active, f"re-applying unconfirmed isolation after restart failed: {e}"
+                    )
                 self._state = "failed"
                 self._emit(
                     "failed",
@@ -352,17 +378,24 @@ class IsolationController:
                 return IsolationOutcome(
                     False, "failed", active.command_id, active.ruleset.sha256, str(e)
                 )
-            self._state = "isolated"
+            if status == "pending":
+                reason = (
+                    "resumed from disk unconfirmed: confirming within "
+                    f"{active.policy.confirm_deadline_s:g} s or reverting"
+                )
+            else:
+                reason = "resumed from disk"
+            self._state = "pending" if status == "pending" else "isolated"
             self._emit(
                 "reapplied",
                 command_id=active.command_id,
                 ruleset_sha256=active.ruleset.sha256,
                 listing=verified.listing,
                 policy_json=active.policy.to_json(),
-                reason="resumed from disk",
+                reason=reason,
             )
             return IsolationOutcome(
-                True, "isolated", active.command_id, active.ruleset.sha256, "resumed from disk"
+                True, self._state, active.command_id, active.ruleset.sha256, reason
             )
 
     def check_drift(self) -> bool:
@@ -425,10 +458,15 @@ class IsolationController:
             self._watch_thread = thread
             thread.start()
 
+    def wake(self) -> None:
+        """Re-check `session_healthy()` now (call when the collector sent something)."""
+        self._wake.set()
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the drift watcher and any confirmation wait. Isolation stays in force."""
         self._watch_stop.set()
         self._stop.set()
+        self._wake.set()
         thread = self._watch_thread
         if thread is not None:
             thread.join(timeout_s)
@@ -515,7 +553,7 @@ class IsolationController:
                 f"cannot delete isolation state: {e}", path=str(self.state_path)
             ) from e
 
-    def _load_state(self) -> _Active | None:
+    def _load_state(self) -> tuple[_Active, str] | None:
         path = self.state_path
         try:
             raw = path.read_bytes()
@@ -531,6 +569,9 @@ class IsolationController:
             snapshot = Snapshot.from_dict(record["snapshot"])
             command_id = str(record["command_id"])
             reason = str(record.get("reason", ""))
+            status = record["status"]
+            if status not in ("pending", "isolated"):
+                raise ValueError(f"unknown status {status!r}")
         except (ValueError, KeyError, TypeError, AttributeError, IsolationError) as e:
             raise StateStoreError(f"corrupt isolation state: {e}", path=str(path)) from e
-        return _Active(policy, plan(policy), command_id, reason, snapshot)
+        return _Active(policy, plan(policy), command_id, reason, snapshot), status

@@ -242,3 +242,75 @@ def test_emit_failure_does_not_break_isolation(tmp_path: Path) -> None:
 
     ctl = IsolationController(FakeBackend(), tmp_path, bad_emit, lambda: True)
     assert ctl.isolate(POLICY, "cmd-18", "r").ok
+
+
+def _status(tmp_path: Path) -> str:
+    return str(json.loads((tmp_path / STATE_FILE).read_text())["status"])
+
+
+def test_state_file_says_pending_until_confirmed(tmp_path: Path) -> None:
+    ctl, _, _ = make(tmp_path)
+    assert ctl.apply_isolation(POLICY, "cmd-19", "r").ok
+    assert _status(tmp_path) == "pending"
+    assert ctl.confirm().ok
+    assert _status(tmp_path) == "isolated"
+
+
+def test_crash_while_pending_resumes_pending_and_reverts_without_collector(
+    tmp_path: Path,
+) -> None:
+    fake = FakeBackend(preexisting=PRE)
+    ctl, _, _ = make(tmp_path, fake)
+    assert ctl.apply_isolation(POLICY, "cmd-20", "r").ok  # crash here: never confirmed
+    ctl2, _, rec2 = make(tmp_path, fake, healthy=False)
+    out = ctl2.resume_from_disk()
+    assert out is not None and out.ok and out.state == "pending" == ctl2.state
+    assert rec2.names == ["reapplied"] and "unconfirmed" in rec2.events[0].reason
+    assert fake.listing == fake.expected_listing(plan(POLICY))  # in force before connecting
+    started = time.monotonic()
+    confirmed = ctl2.confirm()
+    assert time.monotonic() - started < POLICY.confirm_deadline_s + 1.0
+    assert not confirmed.ok and confirmed.state == "failed"
+    assert confirmed.reason == "collector session not re-established within 1 s"
+    assert rec2.names == ["reapplied", "restored", "failed"]
+    assert fake.listing == PRE
+    assert not (tmp_path / STATE_FILE).exists()
+
+
+def test_crash_while_pending_resumes_and_confirms_with_collector(tmp_path: Path) -> None:
+    ctl, fake, _ = make(tmp_path)
+    assert ctl.apply_isolation(POLICY, "cmd-21", "r").ok
+    ctl2, _, rec2 = make(tmp_path, fake, healthy=True)
+    assert ctl2.resume_from_disk() is not None and ctl2.state == "pending"
+    assert ctl2.confirm().ok and ctl2.state == "isolated"
+    assert rec2.names == ["reapplied", "confirmed"]
+    assert _status(tmp_path) == "isolated"
+
+
+def test_pending_resume_whose_reapply_fails_is_reverted(tmp_path: Path) -> None:
+    fake = FakeBackend(preexisting=PRE)
+    ctl, _, _ = make(tmp_path, fake)
+    assert ctl.apply_isolation(POLICY, "cmd-22", "r").ok
+    fake.fail_next("apply")
+    ctl2, _, rec2 = make(tmp_path, fake)
+    out = ctl2.resume_from_disk()
+    assert out is not None and not out.ok and ctl2.state == "failed"
+    assert rec2.names == ["restored", "failed"]
+    assert fake.listing == PRE and not (tmp_path / STATE_FILE).exists()
+
+
+def test_wake_ends_the_confirm_wait_without_polling(tmp_path: Path) -> None:
+    healthy = threading.Event()
+    ctl = IsolationController(FakeBackend(), tmp_path, Recorder(), healthy.is_set,
+                              poll_interval_s=30.0)
+    assert ctl.apply_isolation(POLICY, "cmd-23", "r").ok
+
+    def answer() -> None:
+        time.sleep(0.05)
+        healthy.set()
+        ctl.wake()
+
+    threading.Thread(target=answer, daemon=True).start()
+    started = time.monotonic()
+    assert ctl.confirm(timeout=10.0).ok
+    assert time.monotonic() - started < 1.0
