@@ -34,7 +34,7 @@ from evidence.checkpoint import verify_checkpoint
 from evidence.errors import EvidenceError
 from evidence.keys import public_key_from_bytes
 from proto import ringfence_pb2 as pb
-from proto.limits import MAX_EVENT_BYTES, MAX_EVENTS_PER_BATCH
+from proto.limits import MAX_EVENT_BYTES, MAX_EVENTS_PER_BATCH, MAX_SEQ
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ def decode_batch(agent_id: str, events: Sequence[bytes]) -> list[DecodedEvent]:
         kind = event.WhichOneof("body")
         if event.seq == 0 or kind is None:
             raise MalformedBatch(agent_id, index, "missing seq or body")
+        if event.seq > MAX_SEQ:
+            raise MalformedBatch(agent_id, index, f"seq above {MAX_SEQ}")
         if event.agent_id != agent_id:
             raise IdentityMismatch(agent_id, event.agent_id)
         if decoded and event.seq <= decoded[-1].seq:

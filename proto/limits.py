@@ -9,6 +9,8 @@ MAX_MESSAGE_BYTES = 16 << 20
 MAX_EVENT_BYTES = 4 << 20
 # Events per EventBatch the collector accepts.
 MAX_EVENTS_PER_BATCH = 20_000
+# Highest seq an event may carry: stores keep seq as a signed 64-bit integer.
+MAX_SEQ = 2**63 - 1
 # File acquisition chunk size.
 FILE_CHUNK_BYTES = 1 << 20
 
