@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 PRIORITY_KINDS = frozenset({"lifecycle", "isolation", "gap", "sensor_loss", "acquisition",
                             "command", "triage"})
 
+# seq and agent_id are set after the size check; a varint seq and the id add at most this.
+_SEQ_SLACK_BYTES = 64
+
 
 @dataclass(frozen=True)
 class ChainConfig:
@@ -100,7 +103,11 @@ class EvidenceChain:
         with self._lock:
             if not event.time_ns:
                 event.time_ns = self._clock()
-            if self._pending_gap is not None:
+            if self._pending_gap is not None and (
+                    priority or self._spool.would_accept(event.ByteSize() + _SEQ_SLACK_BYTES)):
+                # Name the loss once telemetry fits again (or before a priority event), not
+                # after every dropped event: one gap record per drop would drain the priority
+                # reserve during a storm and split one loss into many ranges.
                 self._write_gap()
             self._seq += 1
             event.seq = self._seq

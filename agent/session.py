@@ -59,6 +59,8 @@ class _Connection:
         self.ready = threading.Event()        # first Ack received: cursor known
         self.sent_seq = 0
         self.acked_seq = 0
+        # The collector holds seqs this agent never wrote (state restored or cloned).
+        self.behind_collector = False
         self.window = threading.Condition()
 
     def messages(self) -> Iterator[pb.AgentMessage]:
@@ -193,6 +195,21 @@ class Session:
                 return
 
     def _on_ack(self, conn: _Connection, durable_seq: int) -> None:
+        if not conn.ready.is_set() and durable_seq > self._spool.last_seq:
+            # The collector holds seqs this agent never wrote: the agent's state was restored
+            # from an older copy (VM snapshot, backup) or cloned. Send our own records anyway so
+            # the collector compares the bytes and records the fork, and never let its ack
+            # delete records it has not seen: silently dropping them would hide the fork.
+            logger.error("collector holds events up to seq %d but this agent only wrote up to "
+                         "seq %d: its state was restored or cloned; resending from seq %d so "
+                         "the collector records the fork", durable_seq, self._spool.last_seq,
+                         self._spool.acked_seq + 1)
+            conn.behind_collector = True
+        if conn.behind_collector:
+            with conn.window:
+                spool_ack = min(durable_seq, conn.sent_seq)
+        else:
+            spool_ack = durable_seq
         if durable_seq < self._spool.acked_seq:
             # The collector knows less than it once acknowledged: its storage lost data we
             # already deleted. Loud, because this evidence now exists nowhere.
@@ -200,11 +217,12 @@ class Session:
                          "evidence may have been lost on the collector", durable_seq,
                          self._spool.acked_seq)
         else:
-            self._spool.ack(durable_seq)
+            self._spool.ack(spool_ack)
         with conn.window:
             conn.acked_seq = durable_seq
             if not conn.ready.is_set():
-                conn.sent_seq = max(durable_seq, self._spool.acked_seq)
+                conn.sent_seq = (self._spool.acked_seq if conn.behind_collector
+                                 else max(durable_seq, self._spool.acked_seq))
                 conn.ready.set()
                 self.connected.set()
                 self.connects += 1

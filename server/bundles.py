@@ -64,15 +64,32 @@ class BundleService:
         previous = self._store.previous_event(agent_id, first)
         start_seq, start_head = ((previous.seq, previous.chain_hash) if previous
                                  else (0, GENESIS_HASH))
+        bundle_id = str(uuid.uuid4())
+        now = time.time_ns()
+        custody: list[dict[str, object]] = [
+            {"time_ns": now, "actor": actor.name, "role": actor.role, "action": "bundle.create",
+             "reason": reason, "case_id": request.case_id, "bundle_id": bundle_id,
+             "host": request.host, "agent_id": agent_id,
+             "server_key_id": key_id(self._key.public_key())}]
         files: dict[str, tuple[Path, bytes]] = {}
         if request.with_files:
             for row in self._store.files_for(agent_id):
+                if row.sha256 in files:
+                    continue
                 files[row.sha256] = (self._blobs.path_of(row.sha256), row.record_envelope)
-        bundle_id = str(uuid.uuid4())
-        now = time.time_ns()
-        custody = [{"time_ns": now, "actor": actor.name, "role": actor.role,
-                    "action": "bundle.create", "reason": reason, "case_id": request.case_id,
-                    "bundle_id": bundle_id, "server_key_id": key_id(self._key.public_key())}]
+                # Each file's hop from the agent into the server's blob store, as recorded
+                # when it arrived and its hash was checked against the agent-signed record.
+                custody.append({
+                    "time_ns": row.stored_ns, "actor": "server", "action": "file.transfer",
+                    "from": f"agent {agent_id}", "to": "server blob store",
+                    "sha256": row.sha256, "size": row.size, "command_id": row.command_id,
+                    "path": row.path.decode("utf-8", "backslashreplace"),
+                    "case_id": request.case_id})
+        # The bundle leaves the server in this same request; the transfer is signed with it.
+        custody.append({"time_ns": time.time_ns(), "actor": "server",
+                        "action": "bundle.transfer", "from": "server", "to": actor.name,
+                        "via": "admin API (mutual TLS)", "reason": reason,
+                        "case_id": request.case_id, "bundle_id": bundle_id})
         out = self._dir / f"{bundle_id}.zip"
         try:
             built = build_bundle(
