@@ -32,7 +32,7 @@ class SessionConfig:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     outbound_queue: int = 64               # messages buffered for the stream
-    idle_poll_s: float = 0.05
+    idle_wait_s: float = 1.0               # longest sleep between spool checks when idle
 
 
 _END = object()
@@ -245,13 +245,15 @@ class Session:
             records = self._spool.read_durable(cursor, config.batch_max_records,
                                                config.batch_max_bytes)
             if not records:
-                if self._spool.last_seq > cursor:
-                    self._spool.flush()
-                    continue
-                if time.monotonic() - last_heartbeat >= config.heartbeat_interval_s:
+                since = time.monotonic() - last_heartbeat
+                if since >= config.heartbeat_interval_s:
                     conn.put(pb.AgentMessage(heartbeat=self._heartbeat()), timeout=5)
                     last_heartbeat = time.monotonic()
-                time.sleep(config.idle_poll_s)
+                    since = 0.0
+                # Sleep until the spool's flusher makes something durable (it fsyncs at most
+                # fsync_interval_s after an append), rather than polling or forcing fsyncs.
+                self._spool.wait_durable(cursor, min(config.idle_wait_s,
+                                                     config.heartbeat_interval_s - since))
                 continue
             batch = pb.EventBatch()
             for record in records:

@@ -466,6 +466,8 @@ class Spool:
         self._config = config
         self._lock = threading.Lock()  # all in-memory state; never held across fsync
         self._cond = threading.Condition(self._lock)  # wakes the flusher
+        self._marker_dirty = False  # an ack newer than acked.bin is held in memory only
+        self._synced = threading.Condition(self._lock)  # notified after each fsync
         self._sync_lock = threading.Lock()  # serialises fsync rounds; taken before _lock
         self._ack_lock = threading.Lock()  # serialises marker writes; taken before _lock
 
@@ -835,6 +837,17 @@ class Spool:
                     seg.durable_count = max(seg.durable_count, count)
                 self._durable_seq = max(self._durable_seq, last_seq)
                 self._durable_last_event = last_event
+                self._synced.notify_all()
+
+    def wait_durable(self, after_seq: int, timeout: float) -> bool:
+        """Block until a record with seq > `after_seq` is durable (readable by read_durable), or
+        `timeout` seconds pass. Lets a sender sleep instead of polling."""
+        with self._lock:
+            if self._durable_seq > after_seq:
+                return True
+            self._synced.wait_for(lambda: self._durable_seq > after_seq or self._closing,
+                                  timeout)
+            return self._durable_seq > after_seq
 
     def _run_flusher(self) -> None:
         interval = self._config.fsync_interval_s
@@ -985,6 +998,15 @@ class Spool:
                     if durable_seq <= self._acked:
                         return
                 marker = _encode_marker(durable_seq, self._durable_seq, self._durable_last_event)
+                frees_segment = any(s is not self._active and s.last_seq <= durable_seq
+                                    for s in self._segments)
+                if not frees_segment:
+                    # Nothing to delete: keep the ack in memory and persist it lazily (at the
+                    # next deletion or at close). A crash before that only makes the sender
+                    # resend records the collector already holds, which it ignores.
+                    self._acked = durable_seq
+                    self._marker_dirty = True
+                    return
             try:
                 self._write_marker(marker)
             except SpoolDiskFull:
@@ -1001,6 +1023,7 @@ class Spool:
         """Adopt the ack in memory and delete the segments it fully covers."""
         with self._lock:
             self._acked = max(self._acked, durable_seq)
+            self._marker_dirty = False
             doomed = [
                 s for s in self._segments if s is not self._active and s.last_seq <= durable_seq
             ]
@@ -1076,6 +1099,12 @@ class Spool:
         error: SpoolError | None = None
         try:
             self._sync()
+            with self._lock:
+                marker = (_encode_marker(self._acked, self._durable_seq,
+                                         self._durable_last_event)
+                          if self._marker_dirty else None)
+            if marker is not None:
+                self._write_marker(marker)
         except SpoolError as e:
             error = e
             logger.error("spool %s: final flush failed: %s", self._dir, e)
