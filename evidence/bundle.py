@@ -20,6 +20,7 @@ Layout (member order is fixed; every timestamp is 1980-01-01 00:00:00)::
 from __future__ import annotations
 
 import hashlib
+import json.encoder as json_encoder
 import logging
 import os
 import re
@@ -199,6 +200,36 @@ class VerifiedBundle:
 # --------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------
+
+_NO_SEQ = 1 << 64  # above every u64 seq: the sentinel after the last checkpoint
+
+
+def _line_encoder() -> Callable[[dict[str, Any]], str]:
+    """The canonical encoder as one C call per object, when the C accelerator exists.
+
+    JSONEncoder.encode rebuilds the C encoder on every call, which costs more than encoding a
+    small object. Same options as `_canonical.ENCODER`, so the output is identical (a test
+    checks); without the accelerator it falls back to ENCODER.encode.
+    """
+    enc = _canonical.ENCODER
+    make = getattr(json_encoder, "c_make_encoder", None)
+    if make is None:
+        return enc.encode
+    # markers=None: no circular-reference bookkeeping; a cyclic rendering recurses until
+    # RecursionError, which the scan reports as an undecodable event like any codec failure.
+    iterencode = make(None, enc.default, json_encoder.encode_basestring_ascii, enc.indent,
+                      enc.key_separator, enc.item_separator, enc.sort_keys, enc.skipkeys,
+                      enc.allow_nan)
+    join = "".join
+
+    def encode(obj: dict[str, Any]) -> str:
+        return join(iterencode(obj, 0))
+
+    return encode
+
+
+_ENCODE_LINE = _line_encoder()
+
 
 def render_line(codec: EventCodec, event_bytes: bytes) -> bytes:
     """The events.jsonl line for one event: canonical JSON of codec.render plus newline."""
@@ -782,6 +813,10 @@ class _EventScan:
         self.agent_id = manifest.agent_id
         self.codec = codec
         self.cp_heads = cp_heads
+        # Checkpoint seqs in order: the loops compare each seq with the next one (an int
+        # compare) instead of a dict lookup per event.
+        self._cp_seqs = sorted(cp_heads) + [_NO_SEQ]
+        self._cp_index = 0
         self.matched: list[int] = []
         self.rendered = hashlib.sha256()
         self.prev = manifest.start_seq
@@ -798,11 +833,20 @@ class _EventScan:
             return self._scan_plain(buf)
         return self._scan_codec(buf, self.codec)
 
+    def _next_checkpoint(self, seq: int) -> int:
+        """Advance past checkpoint seqs below `seq` (reported later as not being events)."""
+        seqs = self._cp_seqs
+        i = self._cp_index
+        while seqs[i] < seq:
+            i += 1
+        self._cp_index = i
+        return seqs[i]
+
     def _scan_plain(self, buf: bytes) -> int:
         unpack = FRAME.unpack_from
         header = FRAME.size
         sha = hashlib.sha256
-        cp_heads = self.cp_heads
+        next_cp = self._cp_seqs[self._cp_index]
         prev, head, count = self.prev, self.head, self.count
         pos, end = 0, len(buf)
         while pos + header <= end:
@@ -821,9 +865,12 @@ class _EventScan:
             prev = seq
             pos = stop
             count += 1
-            expected = cp_heads.get(seq)
-            if expected is not None and self._checkpoint(seq, expected, head):
-                break
+            if seq >= next_cp:
+                next_cp = self._next_checkpoint(seq)
+                if seq == next_cp:
+                    if self._checkpoint(seq, self.cp_heads[seq], head):
+                        break
+                    next_cp = self._next_checkpoint(seq + 1)
         if count and not self.count:
             self.first_seq = self.prev + 1
         self.prev, self.head, self.count = prev, head, count
@@ -833,11 +880,13 @@ class _EventScan:
         unpack = FRAME.unpack_from
         header = FRAME.size
         sha = hashlib.sha256
-        describe, render, encode = codec.describe, codec.render, _canonical.ENCODER.encode
-        cp_heads, agent_id = self.cp_heads, self.agent_id
+        describe, render, encode = codec.describe, codec.render, _ENCODE_LINE
+        agent_id = self.agent_id
+        next_cp = self._cp_seqs[self._cp_index]
         prev, head, count = self.prev, self.head, self.count
         first_ns, last_ns = self.first_ns, self.last_ns
         lines: list[str] = []
+        append = lines.append
         pos, end = 0, len(buf)
         while pos + header <= end:
             seq, length = unpack(buf, pos)
@@ -852,7 +901,7 @@ class _EventScan:
                 info = describe(event_bytes)
                 rendered = render(event_bytes)
                 # The canonical encoder takes dicts only; other Mappings are copied.
-                lines.append(encode(rendered if type(rendered) is dict else dict(rendered)))
+                append(encode(rendered if type(rendered) is dict else dict(rendered)))
             except Exception as e:  # noqa: BLE001 - any codec failure is a finding
                 self.broken = f"event at seq {seq} cannot be decoded: {e}"
                 break
@@ -880,9 +929,12 @@ class _EventScan:
             prev = seq
             pos = stop
             count += 1
-            expected = cp_heads.get(seq)
-            if expected is not None and self._checkpoint(seq, expected, head):
-                break
+            if seq >= next_cp:
+                next_cp = self._next_checkpoint(seq)
+                if seq == next_cp:
+                    if self._checkpoint(seq, self.cp_heads[seq], head):
+                        break
+                    next_cp = self._next_checkpoint(seq + 1)
         if lines:
             lines.append("")
             self.rendered.update("\n".join(lines).encode("ascii"))

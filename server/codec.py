@@ -25,15 +25,31 @@ def parse_event(event_bytes: bytes) -> pb.Event:
 
 
 class ProtoEventCodec:
-    """EventCodec for ringfence.v1.Event bytes."""
+    """EventCodec for ringfence.v1.Event bytes.
+
+    The verifier calls describe() then render() on the same bytes object; the parsed message
+    is kept for that one object (compared by identity, and bytes are immutable), so each event
+    is parsed once instead of twice.
+    """
+
+    def __init__(self) -> None:
+        self._last_bytes: bytes | None = None
+        self._last_event = pb.Event()
+
+    def _parse(self, event_bytes: bytes) -> pb.Event:
+        if event_bytes is self._last_bytes:
+            return self._last_event
+        event = parse_event(event_bytes)
+        self._last_bytes, self._last_event = event_bytes, event
+        return event
 
     def describe(self, event_bytes: bytes) -> EventInfo:
-        event = parse_event(event_bytes)
+        event = self._parse(event_bytes)
         gap = None
         if event.WhichOneof("body") == "gap":
             gap = (event.gap.first_seq, event.gap.last_seq)
         return EventInfo(event.seq, event.agent_id, event.time_ns, gap)
 
     def render(self, event_bytes: bytes) -> Mapping[str, Any]:
-        event = parse_event(event_bytes)
+        event = self._parse(event_bytes)
         return to_jsonl(event, event.agent_id)

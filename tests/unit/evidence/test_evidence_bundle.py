@@ -339,3 +339,18 @@ def test_iter_frames_reads_back_the_stored_bytes() -> None:
         frames = list(iter_frames(f))
     chain = honest_chain(40, every=10)
     assert frames == chain.events
+
+
+def test_fast_line_encoder_equals_the_canonical_encoder() -> None:
+    from evidence import _canonical
+    from evidence.bundle import _ENCODE_LINE
+
+    samples: list[dict[str, Any]] = [
+        {}, {"b": 1, "a": [1, 2.5, None, True, False]}, {"\u00e9\n\x00": "\u2603\"\\"},
+        {"nested": {"z": {"y": [{"x": -0.0, "w": 1e300}]}}, "n": -(2 ** 70)},
+    ]
+    for obj in samples:
+        assert _ENCODE_LINE(obj) == _canonical.ENCODER.encode(obj)
+    for bad in ({"f": float("nan")}, {"k": object()}):
+        with pytest.raises((ValueError, TypeError)):
+            _ENCODE_LINE(bad)
