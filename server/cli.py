@@ -27,7 +27,7 @@ from evidence.keys import load_public_key, public_key_from_bytes
 from proto import ringfence_pb2 as pb
 from server.admin import verify_audit, InvalidRequest
 from server.codec import ProtoEventCodec, parse_event
-from server.export import to_jsonl, to_ocsf, to_timesketch
+from server.export import summary, to_jsonl, to_ocsf, to_timesketch
 from server.fleet import FleetError, create_responder, create_token, init_server, load_config
 from server.fleet import TOKEN_ID_HEX, token_id
 from server.fleet import parse_duration
@@ -240,9 +240,8 @@ def cmd_events(args: argparse.Namespace) -> int:
         for stored in client.query_events(request):
             event = parse_event(stored.event)
             if fmt == "text":
-                line = to_jsonl(event, stored.agent_id)
-                print(f"{fmt_time(event.time_ns)} #{stored.seq:<7} {line.get('kind', ''):<10} "
-                      f"{line.get('summary', '')}")
+                print(f"{fmt_time(event.time_ns)} #{stored.seq:<7} "
+                      f"{event.WhichOneof('body') or '?':<11} {summary(event)}")
             else:
                 row = render(event, stored.agent_id)
                 if fmt == "jsonl":

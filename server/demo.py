@@ -145,7 +145,11 @@ def run_lab(work: Path) -> None:
         watched = work / "watched"
         watched.mkdir()
         config = work / "agent.toml"
+        # Inside a network namespace the kernel's proc connector is out of reach, so the
+        # process sensor polls; every 0.2 s here, to show short-lived commands.
         config.write_text(textwrap.dedent(f"""\
+            [sensors.process]
+            poll_interval_s = 0.2
             [sensors.file]
             paths = ["{watched}"]
             [sensors.network]
@@ -161,7 +165,7 @@ def run_lab(work: Path) -> None:
 
         step(4, "Activity on the endpoint arrives as hash-chained, signed evidence")
         marker = f"demo-{uuid.uuid4().hex[:8]}"
-        topo.run("endpoint", "sh", "-c", f"id >/dev/null; uname -r >/dev/null; "
+        topo.run("endpoint", "sh", "-c", f"sleep 1.5; id >/dev/null; "
                  f"echo {marker} > {watched}/dropper.sh; chmod +x {watched}/dropper.sh")
         wait_for(lambda: marker in lab.rf("events", host, "--kind", "process", "--limit",
                                           "100000", "--json", echo=False).stdout,
@@ -189,7 +193,7 @@ def run_lab(work: Path) -> None:
         if not v4.startswith("fail") or not v6.startswith("fail") or new_out:
             raise DemoError("isolation did not cut the attacker off")
         marker2 = f"isolated-{uuid.uuid4().hex[:8]}"
-        topo.run("endpoint", "sh", "-c", f"true {marker2}")
+        topo.run("endpoint", "sh", "-c", f"sleep 1.5; true {marker2}")
         wait_for(lambda: marker2 in lab.rf("events", host, "--kind", "process", "--limit",
                                            "100000", "--json", echo=False).stdout,
                  30, "events from the isolated host")
@@ -203,6 +207,9 @@ def run_lab(work: Path) -> None:
         say(f"endpoint -> attacker after release: {'works again' if restored else 'STILL BLOCKED'}")
         if not restored:
             raise DemoError("traffic did not come back after release")
+
+        say("Every responder action, allowed or denied, is in the hash-chained audit log:")
+        lab.rf("audit")
 
         step(8, "Package the evidence as a signed bundle and verify it offline")
         bundle = work / "DEMO-1.zip"

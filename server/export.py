@@ -295,3 +295,59 @@ def _flatten(d: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
             _flatten(v, key + ".", out)
         else:
             out[key] = v
+
+
+def summary(event: pb.Event) -> str:
+    """One human line for terminals: what happened, to what, by whom."""
+    kind = event.WhichOneof("body")
+    if kind == "process":
+        pa = event.process
+        p = pa.process
+        verb = {1: "launch", 2: "exit"}.get(pa.activity_id, f"activity {pa.activity_id}")
+        cmd = " ".join(_text(a) for a in p.argv) or _text(p.exe)
+        extra = f" exit={pa.exit_code}" if pa.activity_id == 2 else ""
+        return f"{verb} pid={p.pid} ppid={p.ppid} user={p.user or p.uid}{extra} {cmd}"[:400]
+    if kind == "file":
+        fa = event.file
+        verb = {1: "create", 3: "modify", 4: "delete", 5: "rename", 6: "attrib"}.get(
+            fa.activity_id, str(fa.activity_id))
+        target = f" -> {_text(fa.new_path)}" if fa.new_path else ""
+        digest = f" sha256={fa.sha256[:16]}…" if fa.sha256 else ""
+        return f"{verb} {_text(fa.path)}{target}{digest}"
+    if kind == "network":
+        na = event.network
+        verb = {1: "open", 2: "close"}.get(na.activity_id, str(na.activity_id))
+        who = f" pid={na.pid} {_text(na.exe)}" if na.pid else ""
+        return (f"{verb} {na.protocol} {na.src_endpoint.ip}:{na.src_endpoint.port} -> "
+                f"{na.dst_endpoint.ip}:{na.dst_endpoint.port}{who}")
+    if kind == "dns":
+        d = event.dns
+        answers = f" = {', '.join(d.answers)}" if d.answers else ""
+        return f"{'query' if d.activity_id == 1 else 'response'} {d.hostname} {d.qtype}{answers}"
+    if kind == "lifecycle":
+        lc = event.lifecycle
+        name = pb.AgentLifecycle.Kind.Name(lc.kind)
+        return f"{name} {lc.agent_version} {lc.message}".strip()
+    if kind == "isolation":
+        iso = event.isolation
+        name = pb.IsolationActivity.Transition.Name(iso.transition)
+        sha = f" ruleset={iso.ruleset_sha256[:16]}…" if iso.ruleset_sha256 else ""
+        cut = f" cut={iso.connections_cut}" if iso.connections_cut else ""
+        return f"{name} {iso.backend}{sha}{cut} {iso.reason}".strip()
+    if kind == "gap":
+        g = event.gap
+        return (f"LOSS seq {g.first_seq}..{g.last_seq} ({g.last_seq - g.first_seq + 1} events) "
+                f"{g.reason}")
+    if kind == "sensor_loss":
+        sl = event.sensor_loss
+        return f"{sl.sensor}: {sl.reason} lost={sl.lost}{' resynced' if sl.resynced else ''}"
+    if kind == "acquisition":
+        a = event.acquisition
+        return (f"collected {_text(a.path)} sha256={a.sha256} size={a.size}" if not a.error
+                else f"collect {_text(a.path)} FAILED: {a.error}")
+    if kind == "command":
+        c = event.command
+        return f"command {c.action or '?'} {c.outcome} {c.reason} ({c.command_id[:12]})"
+    if kind == "triage":
+        return f"triage {event.triage.section} ({len(event.triage.json)} bytes)"
+    return ""

@@ -65,19 +65,11 @@ class NetlinkProcessSensor(Sensor):
     def __init__(self, config: ProcessSensorConfig = ProcessSensorConfig()) -> None:
         self._config = config
         try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
-                                 procfs.NETLINK_CONNECTOR)
+            sock = _subscribe(config.rcvbuf_bytes)
         except OSError as e:
-            raise SensorUnavailable("process", f"netlink connector socket: {e}") from e
-        try:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, config.rcvbuf_bytes)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, config.rcvbuf_bytes)
-            sock.bind((0, procfs.CN_IDX_PROC))
-        except OSError as e:
-            sock.close()
-            raise SensorUnavailable("process", f"bind to CN_IDX_PROC: {e}") from e
+            # ECONNREFUSED outside the initial network namespace: the kernel serves the proc
+            # connector only there, so an agent in a container or lab namespace polls instead.
+            raise SensorUnavailable("process", f"proc connector: {e}") from e
         self._sock = sock
         self._enricher = Enricher(config.argv_max_bytes, config.hash_max_bytes,
                                   config.hash_cache_entries, config.pid_cache_entries)
@@ -97,10 +89,6 @@ class NetlinkProcessSensor(Sensor):
 
     def start(self, emit: Emit) -> None:
         self._emitter = SafeEmitter(emit, "process")
-        try:
-            self._sock.send(procfs.build_mcast_message(self._sock.getsockname()[0]))
-        except OSError as e:
-            raise SensorUnavailable("process", f"PROC_CN_MCAST_LISTEN: {e}") from e
         self._sock.settimeout(0.2)
         if not self._seeded:
             self._seed()
@@ -278,3 +266,23 @@ class NetlinkProcessSensor(Sensor):
             snap = read_snapshot(pid, self._config.argv_max_bytes)
             self._emitter(launch_event(self._enricher, snap, time.time_ns(), "resync"))
 
+
+def _subscribe(rcvbuf_bytes: int) -> socket.socket:
+    """A netlink connector socket bound to CN_IDX_PROC and subscribed (PROC_CN_MCAST_LISTEN).
+
+    Subscribing here rather than in start(): the kernel refuses (ECONNREFUSED) outside the
+    initial network namespace, and the caller must learn that while it can still fall back.
+    """
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                         procfs.NETLINK_CONNECTOR)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf_bytes)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf_bytes)
+        sock.bind((0, procfs.CN_IDX_PROC))
+        sock.send(procfs.build_mcast_message(sock.getsockname()[0]))
+    except OSError:
+        sock.close()
+        raise
+    return sock
