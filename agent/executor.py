@@ -44,7 +44,8 @@ class Executor:
                  record: Callable[[pb.Event], int],
                  send_result: Callable[[pb.CommandResult], bool],
                  max_file_bytes: int,
-                 send_chunk: Callable[[pb.FileChunk], bool]) -> None:
+                 send_chunk: Callable[[pb.FileChunk], bool],
+                 make_durable: Callable[[], None] | None = None) -> None:
         self._agent_id = agent_id
         self._gate = gate
         self._key = key
@@ -52,6 +53,9 @@ class Executor:
         self._record = record
         self._send_result = send_result
         self._send_chunk = send_chunk
+        # Makes recorded events durable (spool fsync) before a final result leaves the agent,
+        # so the server never acts on an outcome the agent's chain could lose in a crash.
+        self._make_durable = make_durable
         self._max_file_bytes = max_file_bytes
         self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUE_DEPTH)
         self._thread = threading.Thread(target=self._run, name="executor", daemon=True)
@@ -102,6 +106,12 @@ class Executor:
                               command=pb.CommandActivity(
                                   command_id=command_id, action=action, outcome=status,
                                   reason=message, command_seq=seq)))
+        if self._make_durable is not None and status != "accepted":
+            try:
+                self._make_durable()
+            except Exception:
+                logger.exception("could not make the %s record of command %s durable",
+                                 status, command_id)
         self._send_result(pb.CommandResult(command_id=command_id, status=status,
                                            message=message, detail_json=detail_json))
 

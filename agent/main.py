@@ -74,7 +74,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     enrollment = Enrollment.load(paths)
     isolation_file = paths.isolation / "isolation.json"
     print(json.dumps({"agent_id": enrollment.agent_id,
-                      "server": f"{enrollment.server_host}:{enrollment.collector_port}",
+                      "server": enrollment.collector_target,
                       "isolated": isolation_file.exists()}, indent=2))
     return 0
 

@@ -65,7 +65,7 @@ class Agent:
         self.spool = Spool(paths.spool, config.spool)
         self.chain = EvidenceChain(self.agent_id, key, self.spool, config.chain)
         transport = SessionTransport(
-            Endpoint(f"{enrollment.server_host}:{enrollment.collector_port}",
+            Endpoint(enrollment.collector_target,
                      enrollment.tls_name),
             paths.ca.read_bytes(), paths.tls_key.read_bytes(), paths.certificate.read_bytes())
         self._applied_at = float("inf")
@@ -81,7 +81,8 @@ class Agent:
                                config.session, heartbeat=self._heartbeat,
                                on_server_message=self.isolation.wake)
         self.executor = Executor(self.agent_id, self.gate, key, self.isolation, self.chain.record,
-                                 self._send_result, config.max_file_bytes, self._send_chunk)
+                                 self._send_result, config.max_file_bytes, self._send_chunk,
+                                 make_durable=self.spool.flush)
         self._threads: list[threading.Thread] = []
 
     def _backend(self) -> FirewallBackend:

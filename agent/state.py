@@ -90,6 +90,14 @@ class Enrollment:
     tls_name: str              # name the server certificate must carry
     command_public_key: str    # hex of the raw Ed25519 key that signs commands (pinned)
 
+    @property
+    def collector_target(self) -> str:
+        """HOST:PORT of the collector, an IPv6 address in brackets (`[2001:db8::1]:8443`)."""
+        host = self.server_host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.collector_port}"
+
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True, indent=2).encode()
 
