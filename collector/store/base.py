@@ -18,6 +18,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class StoreError(Exception):
@@ -68,8 +69,10 @@ class ChainState:
     head: bytes                  # h[last_seq]
 
 
-@dataclass(frozen=True)
-class EventRow:
+class EventRow(NamedTuple):
+    """One stored event. A NamedTuple, not a dataclass: ingest builds one per event and the
+    SQL layer binds it as is (its field order is the events table's column order)."""
+
     agent_id: str
     seq: int
     time_ns: int

@@ -267,10 +267,9 @@ class SQLiteStore(Store):
             return
         agent_ids = {r.agent_id for r in events} | {r.agent_id for r in checkpoints}
         with self._tx() as db:
+            # EventRow is a NamedTuple in _EVENT_COLS order: bound without a copy per row.
             db.executemany(
-                f"INSERT INTO events ({self._EVENT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(r.agent_id, r.seq, r.time_ns, r.kind, r.data, r.chain_hash, r.received_ns)
-                 for r in events])
+                f"INSERT INTO events ({self._EVENT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)", events)
             db.executemany(
                 f"INSERT INTO event_forks ({self._EVENT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(r.agent_id, r.seq, r.time_ns, r.kind, r.data, r.chain_hash, r.received_ns)
