@@ -22,7 +22,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import queue
 import signal
 import sqlite3
 import subprocess
@@ -37,10 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import grpc  # noqa: E402
+import grpc
 
-from proto import ringfence_pb2 as pb  # noqa: E402
-from proto import ringfence_pb2_grpc as pb_grpc  # noqa: E402
+from proto import ringfence_pb2 as pb
+from proto import ringfence_pb2_grpc as pb_grpc
 
 WINDOW = 4  # batches in flight per stream, like the agent's bounded unacked window
 
