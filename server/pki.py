@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from collector.peer import AGENT_URI_PREFIX, RESPONDER_URI_PREFIX, PeerIdentityError, identity_uri
+from collector.peer import RESPONDER_URI_PREFIX, PeerIdentityError, identity_uri
 
 logger = logging.getLogger(__name__)
 

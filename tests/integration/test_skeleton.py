@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -16,12 +14,11 @@ import pytest
 
 from agent.rpc import Endpoint, Refused, TransportError, enroll
 from agent.state import AgentPaths, Enrollment
-from collector.store.base import IntegrityAlertRow
 from evidence.chain import GENESIS_HASH, link
 from proto import ringfence_pb2 as pb
 from proto import ringfence_pb2_grpc as pb_grpc
 from proto.limits import MAX_MESSAGE_BYTES
-from server.pki import CertificateAuthority, ServerPaths, cert_pem, new_tls_key, tls_key_pem
+from server.pki import CertificateAuthority, cert_pem, new_tls_key, tls_key_pem
 from tests.integration.fleet import (
     BIN,
     agent_cli,
