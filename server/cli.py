@@ -33,6 +33,7 @@ from server.fleet import TOKEN_ID_HEX, token_id
 from server.fleet import parse_duration
 from server.pki import CertificateAuthority, Identity, PKIError, ServerPaths
 from server.rpc import AdminClient, ClientError, ServerAddress
+from server.cli_packaging import register as register_packaging_commands
 
 logger = logging.getLogger("ringfence")
 
@@ -636,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection(p)
     p.set_defaults(func=lambda a: cmd_audit(argparse.Namespace(**{**vars(a),
                                                                  "verify": a.action == "verify"})))
+    register_packaging_commands(sub)
     return parser
 
 
