@@ -7,6 +7,7 @@ Exceptions:
 
     StoreError                  root
     +-- StoreUnavailable        the backend refused or failed (disk full, locked, down)
+    |   +-- Conflict            a write lost a race for a unique key; retrying may succeed
     +-- TokenRejected           an enrollment token is unknown, expired, used up or revoked
     +-- NotFound                a named host, command or file does not exist
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -27,6 +29,11 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """The backend failed (disk full, I/O error, locked); nothing was written."""
+
+
+class Conflict(StoreUnavailable):
+    """A write lost a race with another writer for a unique key (the same command seq issued
+    by two collector nodes at once, the same event seq ingested twice); nothing was written."""
 
 
 class TokenRejected(StoreError):
@@ -159,6 +166,10 @@ class IngestResult:
 
 
 GENESIS_AUDIT = bytes(32)
+
+# Channels of cross-node notifications (PostgreSQL LISTEN/NOTIFY); the payload is an agent id.
+COMMANDS_CHANNEL = "ringfence_commands"          # a command for the agent was stored
+REVOCATIONS_CHANNEL = "ringfence_revocations"    # the agent was revoked: end its session
 
 
 def audit_record_hash(prev: bytes, seq: int, time_ns: int, actor: str, role: str, action: str,
@@ -298,6 +309,32 @@ class Store(abc.ABC):
     def audit_head(self) -> tuple[int, bytes] | None:
         """(seq, hash) of the last audit record as written alongside it, so deleting records
         from the end of the log is detected too; None when nothing was ever audited."""
+
+    # -- collector nodes and session ownership --------------------------------------------------
+    @abc.abstractmethod
+    def node_heartbeat(self, node_id: str, now_ns: int) -> None:
+        """Record that collector node `node_id` is alive now."""
+
+    @abc.abstractmethod
+    def claim_session(self, agent_id: str, node_id: str, now_ns: int) -> None:
+        """Record that `node_id` holds the agent's live session (replacing any other owner)."""
+
+    @abc.abstractmethod
+    def release_session(self, agent_id: str, node_id: str) -> None:
+        """Forget the agent's session if `node_id` still owns it (a newer owner is kept)."""
+
+    @abc.abstractmethod
+    def session_owners(self, alive_since_ns: int) -> dict[str, str]:
+        """agent id -> node id for sessions whose node heartbeat is at or after
+        `alive_since_ns`: the agents online anywhere in the cluster."""
+
+    def listen(self, on_notify: Callable[[str, str], None], stop: threading.Event) -> bool:
+        """Block until `stop`, calling `on_notify(channel, agent_id)` for every notification on
+        COMMANDS_CHANNEL and REVOCATIONS_CHANNEL from any process sharing the store.
+
+        Returns False at once when the backend has no cross-process notifications (SQLite:
+        one collector process only, which delivers its own commands directly)."""
+        return False
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -24,6 +24,7 @@ from collector.store.base import (
     ChainState,
     CheckpointRow,
     CommandRow,
+    Conflict,
     EventRow,
     GENESIS_AUDIT,
     FileRow,
@@ -83,6 +84,9 @@ CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY, time_ns INTEGER NOT NULL, actor TEXT NOT NULL, role TEXT NOT NULL,
     action TEXT NOT NULL, target TEXT NOT NULL, reason TEXT NOT NULL, outcome TEXT NOT NULL,
     prev_hash BLOB NOT NULL, hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, heartbeat_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    agent_id TEXT PRIMARY KEY, node_id TEXT NOT NULL, connected_ns INTEGER NOT NULL);
 """
 
 OPEN_STATUSES = ("pending", "sent", "accepted")
@@ -391,12 +395,17 @@ class SQLiteStore(Store):
                           r[10], r[11], r[12])
 
     def add_command(self, row: CommandRow) -> None:
-        with self._tx() as db:
-            db.execute(f"INSERT INTO commands ({self._COMMAND_COLS}) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (row.command_id, row.agent_id, row.seq, row.action, row.envelope,
-                        row.status, row.message, row.detail_json, row.issued_ns, row.expires_ns,
-                        row.updated_ns, row.actor, row.reason))
+        try:
+            with self._tx() as db:
+                db.execute(f"INSERT INTO commands ({self._COMMAND_COLS}) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (row.command_id, row.agent_id, row.seq, row.action, row.envelope,
+                            row.status, row.message, row.detail_json, row.issued_ns,
+                            row.expires_ns, row.updated_ns, row.actor, row.reason))
+        except StoreUnavailable as e:
+            if isinstance(e.__cause__, sqlite3.IntegrityError):
+                raise Conflict(f"command seq {row.seq} of agent {row.agent_id} is taken") from e
+            raise
 
     def update_command(self, command_id: str, status: str, message: str, detail_json: str,
                        now_ns: int) -> None:
@@ -462,6 +471,28 @@ class SQLiteStore(Store):
             return int(seq), bytes.fromhex(digest)
         except ValueError:
             return -1, b""
+
+    # -- collector nodes and session ownership --------------------------------------------------
+    def node_heartbeat(self, node_id: str, now_ns: int) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO nodes (node_id, heartbeat_ns) VALUES (?, ?) ON CONFLICT "
+                       "(node_id) DO UPDATE SET heartbeat_ns = excluded.heartbeat_ns",
+                       (node_id, now_ns))
+
+    def claim_session(self, agent_id: str, node_id: str, now_ns: int) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO sessions (agent_id, node_id, connected_ns) "
+                       "VALUES (?, ?, ?)", (agent_id, node_id, now_ns))
+
+    def release_session(self, agent_id: str, node_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM sessions WHERE agent_id = ? AND node_id = ?",
+                       (agent_id, node_id))
+
+    def session_owners(self, alive_since_ns: int) -> dict[str, str]:
+        return {r[0]: r[1] for r in self._query(
+            "SELECT s.agent_id, s.node_id FROM sessions s JOIN nodes n USING (node_id) "
+            "WHERE n.heartbeat_ns >= ?", (alive_since_ns,))}
 
     def close(self) -> None:
         with self._lock:
