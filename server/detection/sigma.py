@@ -1,0 +1,545 @@
+"""Sigma rules compiled to Python predicates over detection records.
+
+pySigma parses and validates each rule, applies the ringfence field mapping pipeline and
+resolves the condition (`1 of selection_*`, `not filter`, modifiers) into a tree of
+ConditionAND/OR/NOT over field = value leaves. This module turns that tree into closures,
+once per rule, and indexes rules by log source category and by the executable name a rule
+requires, so each event is checked only against rules that could match it. Rules it cannot
+evaluate faithfully are reported as unsupported with the reason; it never half-loads a rule.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sigma.collection import SigmaCollection
+from sigma.conditions import (
+    ConditionAND,
+    ConditionFieldEqualsValueExpression,
+    ConditionNOT,
+    ConditionOR,
+    ConditionValueExpression,
+)
+from sigma.exceptions import SigmaError
+from sigma.rule import SigmaDetection, SigmaDetectionItem, SigmaRule
+from sigma.types import (
+    CompareOperators,
+    SigmaBool,
+    SigmaCasedString,
+    SigmaCIDRExpression,
+    SigmaCompareExpression,
+    SigmaExists,
+    SigmaExpansion,
+    SigmaFieldReference,
+    SigmaNull,
+    SigmaNumber,
+    SigmaRegularExpression,
+    SigmaRegularExpressionFlag,
+    SigmaString,
+    SpecialChars,
+)
+
+from server.detection import RuleError
+from server.detection.fields import (
+    FIELD_MAPPING,
+    RINGFENCE_FIELDS,
+    sigma_pipeline,
+    unmappable_reason,
+)
+
+logger = logging.getLogger(__name__)
+
+PACK_DIR = Path(__file__).parent / "rules" / "sigma-linux"
+MAX_RULE_BYTES = 256 << 10
+SEVERITIES = ("informational", "low", "medium", "high", "critical")
+
+# A record as predicates see it: (raw text by field, lower-cased text by field).
+Facts = tuple[dict[str, str], dict[str, str]]
+Predicate = Callable[[Facts], bool]
+
+
+class Unsupported(Exception):
+    """Raised while compiling: the rule uses something this evaluator cannot do faithfully."""
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    rule_id: str
+    title: str
+    level: str
+    status: str
+    author: str
+    description: str
+    category: str
+    product: str
+    source: str                         # file path or "custom:<id>"
+    tags: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()
+    falsepositives: tuple[str, ...] = ()
+    sigma_fields: tuple[str, ...] = ()  # Sigma field names the detection uses
+
+    @property
+    def severity(self) -> str:
+        return self.level if self.level in SEVERITIES else "medium"
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    info: RuleInfo
+    predicate: Predicate = field(repr=False)
+    # Lower-cased executable base names one of which the event must have, or None when the
+    # rule must be checked against every event of its category.
+    anchors: frozenset[str] | None = None
+
+    def matches(self, facts: Facts) -> bool:
+        return self.predicate(facts)
+
+
+@dataclass(frozen=True)
+class UnsupportedRule:
+    info: RuleInfo
+    reason: str
+    unmapped_fields: tuple[str, ...] = ()
+
+
+LoadedRule = CompiledRule | UnsupportedRule
+
+
+def facts_of(record: dict[str, str | int]) -> Facts:
+    raw = {k: v if isinstance(v, str) else str(v) for k, v in record.items()}
+    return raw, {k: v.lower() for k, v in raw.items()}
+
+
+# -- leaves ---------------------------------------------------------------------------------
+
+@dataclass
+class _Strings:
+    """String patterns of one field (OR-ed): plain comparisons and regular expressions."""
+
+    eq: set[str] = field(default_factory=set)
+    starts: list[str] = field(default_factory=list)
+    ends: list[str] = field(default_factory=list)
+    contains: list[str] = field(default_factory=list)
+    regexes: list[re.Pattern[str]] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.eq or self.starts or self.ends or self.contains or self.regexes)
+
+    def matcher(self) -> Callable[[str], bool]:
+        eq, starts, ends = frozenset(self.eq), tuple(self.starts), tuple(self.ends)
+        contains, regexes = tuple(self.contains), tuple(self.regexes)
+
+        def test(v: str) -> bool:
+            if v in eq or (starts and v.startswith(starts)) or (ends and v.endswith(ends)):
+                return True
+            for c in contains:
+                if c in v:
+                    return True
+            for r in regexes:
+                if r.search(v):
+                    return True
+            return False
+        return test
+
+    def predicate(self, view: int, name: str) -> Predicate:
+        test = self.matcher()
+
+        def on_field(facts: Facts) -> bool:
+            v = facts[view].get(name)
+            return v is not None and test(v)
+        return on_field
+
+    def keyword(self, view: int) -> Predicate:
+        test = self.matcher()
+        return lambda facts: any(test(v) for v in facts[view].values())
+
+
+def _wildcard_regex(parts: Sequence[object], flags: int) -> re.Pattern[str]:
+    out = []
+    for part in parts:
+        if part is SpecialChars.WILDCARD_MULTI:
+            out.append(".*")
+        elif part is SpecialChars.WILDCARD_SINGLE:
+            out.append(".")
+        else:
+            out.append(re.escape(str(part)))
+    return re.compile("^" + "".join(out) + "$", flags | re.DOTALL)
+
+
+def _add_string(value: SigmaString, cased: bool, target: _Strings) -> None:
+    parts = list(value.s)
+    for part in parts:
+        if not isinstance(part, (str, SpecialChars)):
+            raise Unsupported(f"placeholder {part} in value {value.original!r} needs a list "
+                              "that ringfence does not define")
+    norm = (lambda s: s) if cased else str.lower
+    texts = [p for p in parts if isinstance(p, str)]
+    multi = SpecialChars.WILDCARD_MULTI
+    if SpecialChars.WILDCARD_SINGLE in parts:
+        target.regexes.append(_wildcard_regex(parts, 0 if cased else re.IGNORECASE))
+    elif not any(isinstance(p, SpecialChars) for p in parts):
+        target.eq.add(norm("".join(texts)))
+    elif len(parts) == 2 and parts[0] is multi and isinstance(parts[1], str):
+        target.ends.append(norm(parts[1]))
+    elif len(parts) == 2 and parts[1] is multi and isinstance(parts[0], str):
+        target.starts.append(norm(parts[0]))
+    elif len(parts) == 3 and parts[0] is multi and parts[2] is multi and isinstance(parts[1], str):
+        target.contains.append(norm(parts[1]))
+    elif parts == [multi]:
+        target.regexes.append(re.compile(".", re.DOTALL))  # any non-empty value
+    else:
+        target.regexes.append(_wildcard_regex(parts, 0 if cased else re.IGNORECASE))
+
+
+def _regex_flags(value: SigmaRegularExpression) -> int:
+    flags = 0
+    for flag in value.flags:
+        flags |= {SigmaRegularExpressionFlag.IGNORECASE: re.IGNORECASE,
+                  SigmaRegularExpressionFlag.MULTILINE: re.MULTILINE,
+                  SigmaRegularExpressionFlag.DOTALL: re.DOTALL}[flag]
+    return flags
+
+
+def _leaf(name: str, value: object) -> Predicate:
+    """One `field = value` leaf that is not a plain string (strings are grouped elsewhere)."""
+    if isinstance(value, SigmaNull):
+        return lambda facts: name not in facts[0]
+    if isinstance(value, SigmaExists):
+        want = bool(value.exists)
+        return lambda facts: (name in facts[0]) == want
+    if isinstance(value, SigmaCIDRExpression):
+        network = value.network
+
+        def in_network(facts: Facts) -> bool:
+            text = facts[0].get(name)
+            if not text:
+                return False
+            try:
+                return ipaddress.ip_address(text) in network
+            except ValueError:
+                return False
+        return in_network
+    if isinstance(value, SigmaCompareExpression):
+        number = value.number.number
+        op = value.op
+
+        def compare(facts: Facts) -> bool:
+            text = facts[0].get(name)
+            try:
+                n = float(text) if text is not None else None
+            except ValueError:
+                return False
+            if n is None:
+                return False
+            return {CompareOperators.LT: n < number, CompareOperators.LTE: n <= number,
+                    CompareOperators.GT: n > number, CompareOperators.GTE: n >= number,
+                    CompareOperators.NEQ: n != number}[op]
+        return compare
+    if isinstance(value, SigmaFieldReference):
+        other = value.field
+        if other not in _ALL_FIELDS:
+            raise Unsupported(f"fieldref to {other}, which ringfence does not record")
+        starts, ends = value.starts_with, value.ends_with
+
+        def same(facts: Facts) -> bool:
+            a, b = facts[1].get(name), facts[1].get(other)
+            if a is None or b is None:
+                return False
+            if starts:
+                return a.startswith(b)
+            if ends:
+                return a.endswith(b)
+            return a == b
+        return same
+    raise Unsupported(f"value type {type(value).__name__} ({value}) of field {name} is not "
+                      "supported by the ringfence evaluator")
+
+
+_ALL_FIELDS = frozenset().union(*RINGFENCE_FIELDS.values())
+
+
+def _string_group(name: str | None, values: Iterable[object]) -> Predicate:
+    """OR of string/number/bool/regex values on one field (None: keyword search)."""
+    folded, cased, raw_regex = _Strings(), _Strings(), _Strings()
+    for value in values:
+        if isinstance(value, SigmaCasedString):
+            _add_string(value, True, cased)
+        elif isinstance(value, SigmaString):
+            _add_string(value, False, folded)
+        elif isinstance(value, SigmaNumber):
+            folded.eq.add(str(value.number))
+        elif isinstance(value, SigmaBool):
+            folded.eq.add("true" if value.boolean else "false")
+        elif isinstance(value, SigmaRegularExpression):
+            try:
+                raw_regex.regexes.append(re.compile(value.regexp.to_plain(),
+                                                    _regex_flags(value)))
+            except re.error as e:
+                raise Unsupported(f"regular expression {value.regexp} does not compile in "
+                                  f"Python: {e}") from e
+        else:
+            raise Unsupported(f"value {value} of field {name} is not a string")
+    if name is None:
+        # Keywords are full-text searches: a plain keyword matches anywhere in a value.
+        for strings in (folded, cased):
+            strings.contains.extend(sorted(strings.eq))
+            strings.eq.clear()
+    preds: list[Predicate] = []
+    for strings, view in ((folded, 1), (cased, 0), (raw_regex, 0)):
+        if not strings.empty():
+            preds.append(strings.keyword(view) if name is None else
+                         strings.predicate(view, name))
+    return _or(preds)
+
+
+_STRINGISH = (SigmaString, SigmaNumber, SigmaBool, SigmaRegularExpression)
+
+
+# -- tree -----------------------------------------------------------------------------------
+
+def _and(preds: list[Predicate]) -> Predicate:
+    if len(preds) == 1:
+        return preds[0]
+    if len(preds) == 2:
+        a, b = preds
+        return lambda facts: a(facts) and b(facts)
+    items = tuple(preds)
+
+    def all_of(facts: Facts) -> bool:
+        for p in items:
+            if not p(facts):
+                return False
+        return True
+    return all_of
+
+
+def _or(preds: list[Predicate]) -> Predicate:
+    if len(preds) == 1:
+        return preds[0]
+    items = tuple(preds)
+
+    def any_of(facts: Facts) -> bool:
+        for p in items:
+            if p(facts):
+                return True
+        return False
+    return any_of
+
+
+def _compile(node: object) -> Predicate:
+    if isinstance(node, ConditionAND):
+        return _and([_compile(a) for a in node.args])
+    if isinstance(node, ConditionNOT):
+        inner = _compile(node.args[0])
+        return lambda facts: not inner(facts)
+    if isinstance(node, ConditionOR):
+        # Leaves on the same field are merged into one test (one lookup, C-level
+        # startswith/endswith over tuples) instead of one closure per value.
+        groups: dict[str | None, list[object]] = {}
+        preds: list[Predicate] = []
+        for a in node.args:
+            if isinstance(a, ConditionFieldEqualsValueExpression) and isinstance(a.value,
+                                                                                 _STRINGISH):
+                groups.setdefault(a.field, []).append(a.value)
+            elif isinstance(a, ConditionValueExpression) and isinstance(a.value, _STRINGISH):
+                groups.setdefault(None, []).append(a.value)
+            else:
+                preds.append(_compile(a))
+        return _or([_string_group(f, vs) for f, vs in groups.items()] + preds)
+    if isinstance(node, ConditionFieldEqualsValueExpression):
+        if isinstance(node.value, SigmaExpansion):
+            # base64offset, windash ...: any of the expanded values.
+            return _or([_compile(ConditionFieldEqualsValueExpression(node.field, v))
+                        for v in node.value.values])
+        if isinstance(node.value, _STRINGISH):
+            return _string_group(node.field, [node.value])
+        return _leaf(node.field, node.value)
+    if isinstance(node, ConditionValueExpression):
+        if isinstance(node.value, _STRINGISH):
+            return _string_group(None, [node.value])
+        raise Unsupported(f"keyword value {node.value} is not a string")
+    raise Unsupported(f"condition element {type(node).__name__} is not supported")
+
+
+def _anchors(node: object) -> frozenset[str] | None:
+    """Executable base names (lower case) one of which any match must have, or None."""
+    if isinstance(node, ConditionAND):
+        found = [a for a in (_anchors(x) for x in node.args) if a is not None]
+        return min(found, key=len) if found else None
+    if isinstance(node, ConditionOR):
+        out: set[str] = set()
+        for a in node.args:
+            sub = _anchors(a)
+            if sub is None:
+                return None
+            out |= sub
+        return frozenset(out)
+    if isinstance(node, ConditionFieldEqualsValueExpression) and node.field == "process.exe":
+        value = node.value
+        if isinstance(value, SigmaString) and not isinstance(value, SigmaCasedString):
+            parts = list(value.s)
+            tail = parts[-1] if parts else None
+            if (isinstance(tail, str) and "/" in tail and
+                    not tail.endswith("/") and
+                    (len(parts) == 1 or (len(parts) == 2 and
+                                         parts[0] is SpecialChars.WILDCARD_MULTI))):
+                return frozenset({tail.rsplit("/", 1)[1].lower()})
+    return None
+
+
+# -- rules ----------------------------------------------------------------------------------
+
+def _items(detection: SigmaDetection) -> Iterable[SigmaDetectionItem]:
+    for item in detection.detection_items:
+        if isinstance(item, SigmaDetection):
+            yield from _items(item)
+        else:
+            yield item
+
+
+def _info(rule: SigmaRule, source: str, sigma_fields: tuple[str, ...] = ()) -> RuleInfo:
+    def names(values: object) -> tuple[str, ...]:
+        return tuple(str(v) for v in (values or []))  # type: ignore[attr-defined]
+    return RuleInfo(
+        rule_id=str(rule.id) if rule.id else (rule.name or rule.title),
+        title=rule.title, level=rule.level.name.lower() if rule.level else "medium",
+        status=rule.status.name.lower() if rule.status else "",
+        author=rule.author or "", description=(rule.description or "").strip(),
+        category=rule.logsource.category or "", product=rule.logsource.product or "",
+        source=source, tags=tuple(f"{t.namespace}.{t.name}" for t in rule.tags),
+        references=names(rule.references), falsepositives=names(rule.falsepositives),
+        sigma_fields=sigma_fields)
+
+
+def compile_rule(rule: SigmaRule, source: str) -> LoadedRule:
+    """Map, check and compile one parsed rule: a CompiledRule, or UnsupportedRule + reason."""
+    used: list[str] = []
+    for detection in rule.detection.detections.values():
+        for item in _items(detection):
+            if item.field is not None and item.field not in used:
+                used.append(item.field)
+    info = _info(rule, source, tuple(used))
+    if rule.errors:
+        return UnsupportedRule(info, "; ".join(str(e) for e in rule.errors))
+    category = rule.logsource.category or ""
+    if rule.logsource.product not in (None, "linux"):
+        return UnsupportedRule(info, f"log source product {rule.logsource.product} is not "
+                                     "Linux")
+    if category not in FIELD_MAPPING:
+        what = f"category {category}" if category else (
+            f"service {rule.logsource.service}" if rule.logsource.service else "no category")
+        return UnsupportedRule(info, f"log source {what} is not a kind of event ringfence "
+                                     f"records (it has {', '.join(FIELD_MAPPING)})")
+    if info.status in ("deprecated", "unsupported"):
+        return UnsupportedRule(info, f"the rule's status is {info.status}")
+    unmapped = tuple(f for f in used if f not in FIELD_MAPPING[category])
+    if unmapped:
+        reasons = "; ".join(f"{f}: {unmappable_reason(f, category)}" for f in unmapped)
+        return UnsupportedRule(info, f"uses fields ringfence cannot map ({reasons})", unmapped)
+    try:
+        sigma_pipeline().apply(rule)
+        trees = [c.parse() for c in rule.detection.parsed_condition]
+        predicate = _or([_compile(t) for t in trees])
+        anchor_sets = [_anchors(t) for t in trees]
+    except Unsupported as e:
+        return UnsupportedRule(info, str(e))
+    except SigmaError as e:
+        return UnsupportedRule(info, f"pySigma cannot process the rule: {e}")
+    anchors: frozenset[str] | None = None
+    if all(a is not None for a in anchor_sets):
+        anchors = frozenset().union(*(a for a in anchor_sets if a is not None))
+    return CompiledRule(info, predicate, anchors)
+
+
+def load_yaml(text: str, source: str) -> list[LoadedRule]:
+    """Every rule in a YAML document (one or several); raise RuleError if it is not Sigma."""
+    if len(text.encode()) > MAX_RULE_BYTES:
+        raise RuleError(source, f"larger than {MAX_RULE_BYTES} bytes; is this a rule file?")
+    try:
+        collection = SigmaCollection.from_yaml(text, collect_errors=True)
+    except SigmaError as e:
+        raise RuleError(source, f"not a valid Sigma rule: {e}") from e
+    except Exception as e:  # the YAML parser raises its own types
+        raise RuleError(source, f"not valid YAML: {e}") from e
+    out: list[LoadedRule] = []
+    for rule in collection.rules:
+        if not isinstance(rule, SigmaRule):
+            out.append(UnsupportedRule(RuleInfo(
+                str(getattr(rule, "id", "") or getattr(rule, "name", "") or "?"),
+                getattr(rule, "title", "correlation"), "medium", "", "", "", "", "", source),
+                "correlation rules are not supported"))
+            continue
+        if rule.errors:
+            raise RuleError(source, "not a valid Sigma rule: " +
+                            "; ".join(str(e) for e in rule.errors))
+        out.append(compile_rule(rule, source))
+    if not out:
+        errors = "; ".join(str(e) for e in collection.errors) or "no rule in the document"
+        raise RuleError(source, f"not a valid Sigma rule: {errors}")
+    return out
+
+
+def load_file(path: Path) -> list[LoadedRule]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RuleError(str(path), f"cannot read: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise RuleError(str(path), "not UTF-8 text") from e
+    return load_yaml(text, str(path))
+
+
+def load_pack(directory: Path = PACK_DIR) -> list[LoadedRule]:
+    """Every .yml rule under `directory`, sorted by path (a bad file becomes unsupported)."""
+    out: list[LoadedRule] = []
+    for path in sorted(directory.rglob("*.yml")):
+        rel = os.path.relpath(path, directory)
+        try:
+            out.extend(load_file(path))
+        except RuleError as e:
+            out.append(UnsupportedRule(RuleInfo(rel, rel, "medium", "", "", "", "", "",
+                                                str(path)), e.reason))
+    return out
+
+
+class RuleIndex:
+    """Compiled rules by category and anchor executable name: what to check for an event."""
+
+    def __init__(self, rules: Iterable[CompiledRule]) -> None:
+        self.rules = tuple(rules)
+        self._any: dict[str, tuple[CompiledRule, ...]] = {}
+        self._by_exe: dict[str, dict[str, tuple[CompiledRule, ...]]] = {}
+        any_lists: dict[str, list[CompiledRule]] = {}
+        exe_lists: dict[str, dict[str, list[CompiledRule]]] = {}
+        for rule in self.rules:
+            category = rule.info.category
+            if rule.anchors is None:
+                any_lists.setdefault(category, []).append(rule)
+            else:
+                for name in rule.anchors:
+                    exe_lists.setdefault(category, {}).setdefault(name, []).append(rule)
+        self._any = {c: tuple(v) for c, v in any_lists.items()}
+        self._by_exe = {c: {n: tuple(v) for n, v in m.items()} for c, m in exe_lists.items()}
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def candidates(self, category: str, facts: Facts) -> Iterable[CompiledRule]:
+        always = self._any.get(category, ())
+        by_exe = self._by_exe.get(category)
+        if not by_exe:
+            return always
+        exe = facts[1].get("process.exe")
+        if exe is None:
+            return always
+        anchored = by_exe.get(exe.rsplit("/", 1)[-1])
+        return always + anchored if anchored else always
+
+    def match(self, category: str, facts: Facts) -> list[CompiledRule]:
+        return [r for r in self.candidates(category, facts) if r.predicate(facts)]
