@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.actions.collect import collect_file
 from agent.actions.isolation import IsolationController, IsolationOutcome
+from agent.actions.response import RESPONSE_ACTIONS, ResponseActions
 from agent.actions.triage import snapshot
 from agent.commands import Command, CommandGate, CommandRejected
 from isolation import IsolationError, Policy
@@ -45,7 +46,8 @@ class Executor:
                  send_result: Callable[[pb.CommandResult], bool],
                  max_file_bytes: int,
                  send_chunk: Callable[[pb.FileChunk], bool],
-                 make_durable: Callable[[], None] | None = None) -> None:
+                 make_durable: Callable[[], None] | None = None,
+                 responses: ResponseActions | None = None) -> None:
         self._agent_id = agent_id
         self._gate = gate
         self._key = key
@@ -57,6 +59,8 @@ class Executor:
         # so the server never acts on an outcome the agent's chain could lose in a crash.
         self._make_durable = make_durable
         self._max_file_bytes = max_file_bytes
+        # Targeted containment (kill, quarantine, block, lock user); None: not offered.
+        self._responses = responses
         self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUE_DEPTH)
         self._thread = threading.Thread(target=self._run, name="executor", daemon=True)
 
@@ -141,6 +145,14 @@ class Executor:
                              json.dumps(outcome.detail, sort_keys=True))
         self._report(command.command_id, command.action, outcome.status, outcome.message,
                      outcome.detail, command.seq)
+        if command.action == "isolate":
+            # Volatile state, recorded once the host is contained and the result is out:
+            # containment speed comes first, and isolation changes neither the process table
+            # nor the local socket table (cut connections stay listed until they time out).
+            try:
+                snapshot(command.command_id, self._record)
+            except Exception:
+                logger.exception("post-isolation triage snapshot failed")
 
     def _execute(self, command: Command) -> Outcome:
         if command.action == "isolate":
@@ -165,6 +177,9 @@ class Executor:
             counts = snapshot(command.command_id, self._record)
             return Outcome("succeeded", "snapshot recorded: " + ", ".join(
                 f"{k} {v}" for k, v in counts.items()), {"sections": counts})
+        if command.action in RESPONSE_ACTIONS and self._responses is not None:
+            result = self._responses.run(command.command_id, command.action, command.params)
+            return Outcome(result.status, result.message, result.detail)
         return Outcome("failed", f"unknown action {command.action!r}", {})
 
     def _isolate(self, command: Command) -> Outcome:
@@ -172,11 +187,6 @@ class Executor:
             policy = Policy.from_dict(command.params.get("policy"))
         except IsolationError as e:
             return Outcome("failed", f"invalid isolation policy: {e}", {})
-        # A snapshot of volatile state before the rules change what can be seen.
-        try:
-            snapshot(command.command_id, self._record)
-        except Exception:
-            logger.exception("pre-isolation triage snapshot failed; isolating anyway")
         outcome = self._isolation.isolate(policy, command.command_id,
                                           str(command.params.get("reason", "")))
         return _isolation_outcome(outcome, "isolation confirmed")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from isolation._run import Runner
 from isolation.errors import CommandError, ConntrackUnavailableError
@@ -79,20 +82,53 @@ def is_allowed(flow: Flow, ruleset: RuleSet) -> bool:
     return local_initiated or remote_initiated
 
 
-def cut_connections(runner: Runner, ruleset: RuleSet) -> int:
+PROC_TABLE = Path("/proc/net/nf_conntrack")
+
+
+def _flows_from_proc(table: Path) -> list[Flow] | None:
+    """The caller's own namespace's flows read from the kernel's table (same line format as
+    `conntrack -L -o extended`, both families), or None when it cannot be used."""
+    if shutil.which("conntrack") is None:
+        return None  # the -L path below reports the missing tool loudly
+    try:
+        return parse_flows(table.read_text())
+    except (OSError, ValueError) as e:
+        logger.info("cannot read %s (%s); listing with conntrack -L", table, e)
+        return None
+
+
+def cut_connections(runner: Runner, ruleset: RuleSet, proc_table: Path | None = None) -> int:
     """Delete every tracked flow `ruleset` does not allow; return the number deleted.
 
-    Raises ConntrackUnavailableError when the conntrack tool is missing or listing fails.
+    With `proc_table` (only valid when `runner` runs in the caller's own namespace) flows are
+    read from that file, which costs no process start; otherwise, or when it is unreadable,
+    with `conntrack -L`. Raises ConntrackUnavailableError when the conntrack tool is missing
+    or listing fails.
     """
+    if proc_table is not None and runner.netns is None:
+        listed_flows = _flows_from_proc(proc_table)
+        if listed_flows is not None:
+            return _delete(runner, ruleset, listed_flows)
     flows: list[Flow] = []
-    for family in ("ipv4", "ipv6"):
-        try:
-            listed = runner.run("conntrack", "-L", "-f", family, "-o", "extended")
-        except CommandError as e:
-            raise ConntrackUnavailableError(
-                f"cannot list connections with conntrack: {e.message}", backend="conntrack"
-            ) from e
-        flows.extend(parse_flows(listed.stdout))
+    # Both families are listed concurrently: each listing is a process start, and this runs
+    # between applying the rules and reporting the host contained.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="conntrack") as pool:
+        listings = [
+            pool.submit(runner.run, "conntrack", "-L", "-f", family, "-o", "extended")
+            for family in ("ipv4", "ipv6")
+        ]
+        for listing in listings:
+            try:
+                listed = listing.result()
+            except CommandError as e:
+                raise ConntrackUnavailableError(
+                    f"cannot list connections with conntrack: {e.message}", backend="conntrack"
+                ) from e
+            flows.extend(parse_flows(listed.stdout))
+    return _delete(runner, ruleset, flows)
+
+
+def _delete(runner: Runner, ruleset: RuleSet, flows: list[Flow]) -> int:
     cut = 0
     for flow in flows:
         if is_allowed(flow, ruleset):

@@ -191,6 +191,7 @@ class FirewallBackend(abc.ABC):
     def _remove(self) -> None: ...
 
     def _cut_connections(self, ruleset: RuleSet) -> int:
-        return conntrack.cut_connections(
-            Runner("conntrack", self.netns, self._runner.timeout_s), ruleset
-        )
+        runner = Runner("conntrack", self.netns, self._runner.timeout_s)
+        # In our own namespace the kernel's table is read directly (no process start).
+        proc = conntrack.PROC_TABLE if self.netns is None else None
+        return conntrack.cut_connections(runner, ruleset, proc)
