@@ -1154,6 +1154,7 @@ class Host(google.protobuf.message.Message):
     OS_FIELD_NUMBER: builtins.int
     ADDRESSES_FIELD_NUMBER: builtins.int
     REVOKED_FIELD_NUMBER: builtins.int
+    OPEN_ALERTS_FIELD_NUMBER: builtins.int
     agent_id: builtins.str
     hostname: builtins.str
     online: builtins.bool
@@ -1168,6 +1169,8 @@ class Host(google.protobuf.message.Message):
     enrolled_ns: builtins.int
     os: builtins.str
     revoked: builtins.bool
+    open_alerts: builtins.int
+    """detection alerts not closed"""
     @property
     def sensors(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]: ...
     @property
@@ -1190,8 +1193,9 @@ class Host(google.protobuf.message.Message):
         os: builtins.str = ...,
         addresses: collections.abc.Iterable[builtins.str] | None = ...,
         revoked: builtins.bool = ...,
+        open_alerts: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["addresses", b"addresses", "agent_id", b"agent_id", "agent_version", b"agent_version", "enrolled_ns", b"enrolled_ns", "hostname", b"hostname", "integrity_alerts", b"integrity_alerts", "isolation_changed_ns", b"isolation_changed_ns", "isolation_reason", b"isolation_reason", "isolation_state", b"isolation_state", "last_seen_ns", b"last_seen_ns", "last_seq", b"last_seq", "online", b"online", "os", b"os", "revoked", b"revoked", "sensors", b"sensors"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["addresses", b"addresses", "agent_id", b"agent_id", "agent_version", b"agent_version", "enrolled_ns", b"enrolled_ns", "hostname", b"hostname", "integrity_alerts", b"integrity_alerts", "isolation_changed_ns", b"isolation_changed_ns", "isolation_reason", b"isolation_reason", "isolation_state", b"isolation_state", "last_seen_ns", b"last_seen_ns", "last_seq", b"last_seq", "online", b"online", "open_alerts", b"open_alerts", "os", b"os", "revoked", b"revoked", "sensors", b"sensors"]) -> None: ...
 
 Global___Host: typing_extensions.TypeAlias = Host
 
@@ -1684,3 +1688,281 @@ class RevokeAgentResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["agent_id", b"agent_id", "session_closed", b"session_closed"]) -> None: ...
 
 Global___RevokeAgentResponse: typing_extensions.TypeAlias = RevokeAgentResponse
+
+@typing.final
+class EventLink(google.protobuf.message.Message):
+    """-- detection alerts ---------------------------------------------------------------------------"""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: builtins.int
+    SEQ_FIELD_NUMBER: builtins.int
+    agent_id: builtins.str
+    seq: builtins.int
+    def __init__(
+        self,
+        *,
+        agent_id: builtins.str = ...,
+        seq: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["agent_id", b"agent_id", "seq", b"seq"]) -> None: ...
+
+Global___EventLink: typing_extensions.TypeAlias = EventLink
+
+@typing.final
+class Alert(google.protobuf.message.Message):
+    """A Sigma match or a baseline anomaly. Repeats of the same rule on the same process tree within
+    the dedup window are folded into one alert (count). Every raise, repeat and status change is
+    a record in the hash-chained alert log; `hash` is the log hash of the record that raised it.
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ALERT_ID_FIELD_NUMBER: builtins.int
+    RAISED_NS_FIELD_NUMBER: builtins.int
+    AGENT_ID_FIELD_NUMBER: builtins.int
+    HOSTNAME_FIELD_NUMBER: builtins.int
+    SOURCE_FIELD_NUMBER: builtins.int
+    RULE_ID_FIELD_NUMBER: builtins.int
+    TITLE_FIELD_NUMBER: builtins.int
+    SEVERITY_FIELD_NUMBER: builtins.int
+    DETAIL_FIELD_NUMBER: builtins.int
+    EVENTS_FIELD_NUMBER: builtins.int
+    COUNT_FIELD_NUMBER: builtins.int
+    FIRST_EVENT_NS_FIELD_NUMBER: builtins.int
+    LAST_EVENT_NS_FIELD_NUMBER: builtins.int
+    UPDATED_NS_FIELD_NUMBER: builtins.int
+    STATUS_FIELD_NUMBER: builtins.int
+    STATUS_REASON_FIELD_NUMBER: builtins.int
+    STATUS_ACTOR_FIELD_NUMBER: builtins.int
+    HASH_FIELD_NUMBER: builtins.int
+    alert_id: builtins.int
+    raised_ns: builtins.int
+    """server time the alert was stored"""
+    agent_id: builtins.str
+    hostname: builtins.str
+    source: builtins.str
+    """"sigma" | "baseline" | "engine" """
+    rule_id: builtins.str
+    """Sigma rule id, or baseline model name"""
+    title: builtins.str
+    severity: builtins.str
+    """informational | low | medium | high | critical"""
+    detail: builtins.str
+    """why: rule and matched event, or the baseline's numbers"""
+    count: builtins.int
+    first_event_ns: builtins.int
+    last_event_ns: builtins.int
+    updated_ns: builtins.int
+    status: builtins.str
+    """new | acknowledged | closed"""
+    status_reason: builtins.str
+    status_actor: builtins.str
+    hash: builtins.str
+    """hex"""
+    @property
+    def events(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___EventLink]: ...
+    def __init__(
+        self,
+        *,
+        alert_id: builtins.int = ...,
+        raised_ns: builtins.int = ...,
+        agent_id: builtins.str = ...,
+        hostname: builtins.str = ...,
+        source: builtins.str = ...,
+        rule_id: builtins.str = ...,
+        title: builtins.str = ...,
+        severity: builtins.str = ...,
+        detail: builtins.str = ...,
+        events: collections.abc.Iterable[Global___EventLink] | None = ...,
+        count: builtins.int = ...,
+        first_event_ns: builtins.int = ...,
+        last_event_ns: builtins.int = ...,
+        updated_ns: builtins.int = ...,
+        status: builtins.str = ...,
+        status_reason: builtins.str = ...,
+        status_actor: builtins.str = ...,
+        hash: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["agent_id", b"agent_id", "alert_id", b"alert_id", "count", b"count", "detail", b"detail", "events", b"events", "first_event_ns", b"first_event_ns", "hash", b"hash", "hostname", b"hostname", "last_event_ns", b"last_event_ns", "raised_ns", b"raised_ns", "rule_id", b"rule_id", "severity", b"severity", "source", b"source", "status", b"status", "status_actor", b"status_actor", "status_reason", b"status_reason", "title", b"title", "updated_ns", b"updated_ns"]) -> None: ...
+
+Global___Alert: typing_extensions.TypeAlias = Alert
+
+@typing.final
+class ListAlertsRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: builtins.int
+    MIN_SEVERITY_FIELD_NUMBER: builtins.int
+    STATUS_FIELD_NUMBER: builtins.int
+    AFTER_ID_FIELD_NUMBER: builtins.int
+    LIMIT_FIELD_NUMBER: builtins.int
+    VERIFY_FIELD_NUMBER: builtins.int
+    host: builtins.str
+    """agent id or hostname, "" = all"""
+    min_severity: builtins.str
+    """"" = all"""
+    status: builtins.str
+    """new | acknowledged | closed | open, "" = all"""
+    after_id: builtins.int
+    """only alerts with a larger id (for --follow)"""
+    limit: builtins.int
+    """0 = server default"""
+    verify: builtins.bool
+    """verify the alert log chain too"""
+    def __init__(
+        self,
+        *,
+        host: builtins.str = ...,
+        min_severity: builtins.str = ...,
+        status: builtins.str = ...,
+        after_id: builtins.int = ...,
+        limit: builtins.int = ...,
+        verify: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["after_id", b"after_id", "host", b"host", "limit", b"limit", "min_severity", b"min_severity", "status", b"status", "verify", b"verify"]) -> None: ...
+
+Global___ListAlertsRequest: typing_extensions.TypeAlias = ListAlertsRequest
+
+@typing.final
+class ListAlertsResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: builtins.int
+    VERIFIED_FIELD_NUMBER: builtins.int
+    VERIFY_ERROR_FIELD_NUMBER: builtins.int
+    LOG_RECORDS_FIELD_NUMBER: builtins.int
+    verified: builtins.bool
+    verify_error: builtins.str
+    log_records: builtins.int
+    @property
+    def alerts(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___Alert]: ...
+    def __init__(
+        self,
+        *,
+        alerts: collections.abc.Iterable[Global___Alert] | None = ...,
+        verified: builtins.bool = ...,
+        verify_error: builtins.str = ...,
+        log_records: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["alerts", b"alerts", "log_records", b"log_records", "verified", b"verified", "verify_error", b"verify_error"]) -> None: ...
+
+Global___ListAlertsResponse: typing_extensions.TypeAlias = ListAlertsResponse
+
+@typing.final
+class UpdateAlertRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ALERT_ID_FIELD_NUMBER: builtins.int
+    STATUS_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    alert_id: builtins.int
+    status: builtins.str
+    """"acknowledged" | "closed" """
+    reason: builtins.str
+    """required; goes into the alert log and the audit log"""
+    def __init__(
+        self,
+        *,
+        alert_id: builtins.int = ...,
+        status: builtins.str = ...,
+        reason: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["alert_id", b"alert_id", "reason", b"reason", "status", b"status"]) -> None: ...
+
+Global___UpdateAlertRequest: typing_extensions.TypeAlias = UpdateAlertRequest
+
+@typing.final
+class HuntRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: builtins.int
+    RULE_YAML_FIELD_NUMBER: builtins.int
+    HOSTS_FIELD_NUMBER: builtins.int
+    SINCE_NS_FIELD_NUMBER: builtins.int
+    UNTIL_NS_FIELD_NUMBER: builtins.int
+    LIMIT_FIELD_NUMBER: builtins.int
+    rule: builtins.str
+    """id, title or file name of a loaded rule, or"""
+    rule_yaml: builtins.str
+    """a Sigma rule document"""
+    since_ns: builtins.int
+    until_ns: builtins.int
+    limit: builtins.int
+    """0 = server default"""
+    @property
+    def hosts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """agent ids or hostnames, empty = every host"""
+
+    def __init__(
+        self,
+        *,
+        rule: builtins.str = ...,
+        rule_yaml: builtins.str = ...,
+        hosts: collections.abc.Iterable[builtins.str] | None = ...,
+        since_ns: builtins.int = ...,
+        until_ns: builtins.int = ...,
+        limit: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["hosts", b"hosts", "limit", b"limit", "rule", b"rule", "rule_yaml", b"rule_yaml", "since_ns", b"since_ns", "until_ns", b"until_ns"]) -> None: ...
+
+Global___HuntRequest: typing_extensions.TypeAlias = HuntRequest
+
+@typing.final
+class HuntMatch(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: builtins.int
+    HOSTNAME_FIELD_NUMBER: builtins.int
+    SEQ_FIELD_NUMBER: builtins.int
+    TIME_NS_FIELD_NUMBER: builtins.int
+    DETAIL_FIELD_NUMBER: builtins.int
+    EVENT_FIELD_NUMBER: builtins.int
+    agent_id: builtins.str
+    hostname: builtins.str
+    seq: builtins.int
+    time_ns: builtins.int
+    detail: builtins.str
+    event: builtins.bytes
+    """exactly the stored event bytes"""
+    def __init__(
+        self,
+        *,
+        agent_id: builtins.str = ...,
+        hostname: builtins.str = ...,
+        seq: builtins.int = ...,
+        time_ns: builtins.int = ...,
+        detail: builtins.str = ...,
+        event: builtins.bytes = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["agent_id", b"agent_id", "detail", b"detail", "event", b"event", "hostname", b"hostname", "seq", b"seq", "time_ns", b"time_ns"]) -> None: ...
+
+Global___HuntMatch: typing_extensions.TypeAlias = HuntMatch
+
+@typing.final
+class HuntResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RULE_ID_FIELD_NUMBER: builtins.int
+    TITLE_FIELD_NUMBER: builtins.int
+    MATCHES_FIELD_NUMBER: builtins.int
+    EVENTS_SCANNED_FIELD_NUMBER: builtins.int
+    TRUNCATED_FIELD_NUMBER: builtins.int
+    rule_id: builtins.str
+    title: builtins.str
+    events_scanned: builtins.int
+    truncated: builtins.bool
+    @property
+    def matches(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___HuntMatch]: ...
+    def __init__(
+        self,
+        *,
+        rule_id: builtins.str = ...,
+        title: builtins.str = ...,
+        matches: collections.abc.Iterable[Global___HuntMatch] | None = ...,
+        events_scanned: builtins.int = ...,
+        truncated: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["events_scanned", b"events_scanned", "matches", b"matches", "rule_id", b"rule_id", "title", b"title", "truncated", b"truncated"]) -> None: ...
+
+Global___HuntResponse: typing_extensions.TypeAlias = HuntResponse

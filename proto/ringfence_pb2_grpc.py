@@ -263,6 +263,21 @@ class AdminStub:
                 request_serializer=proto_dot_ringfence__pb2.RevokeAgentRequest.SerializeToString,
                 response_deserializer=proto_dot_ringfence__pb2.RevokeAgentResponse.FromString,
                 _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/ringfence.v1.Admin/ListAlerts',
+                request_serializer=proto_dot_ringfence__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=proto_dot_ringfence__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.UpdateAlert = channel.unary_unary(
+                '/ringfence.v1.Admin/UpdateAlert',
+                request_serializer=proto_dot_ringfence__pb2.UpdateAlertRequest.SerializeToString,
+                response_deserializer=proto_dot_ringfence__pb2.Alert.FromString,
+                _registered_method=True)
+        self.Hunt = channel.unary_unary(
+                '/ringfence.v1.Admin/Hunt',
+                request_serializer=proto_dot_ringfence__pb2.HuntRequest.SerializeToString,
+                response_deserializer=proto_dot_ringfence__pb2.HuntResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -339,6 +354,26 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAlerts(self, request, context):
+        """Detection alerts: list them (viewer), acknowledge or close them (responder), and run a
+        Sigma rule over stored history (responder).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAlert(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Hunt(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -396,6 +431,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RevokeAgent,
                     request_deserializer=proto_dot_ringfence__pb2.RevokeAgentRequest.FromString,
                     response_serializer=proto_dot_ringfence__pb2.RevokeAgentResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=proto_dot_ringfence__pb2.ListAlertsRequest.FromString,
+                    response_serializer=proto_dot_ringfence__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'UpdateAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAlert,
+                    request_deserializer=proto_dot_ringfence__pb2.UpdateAlertRequest.FromString,
+                    response_serializer=proto_dot_ringfence__pb2.Alert.SerializeToString,
+            ),
+            'Hunt': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hunt,
+                    request_deserializer=proto_dot_ringfence__pb2.HuntRequest.FromString,
+                    response_serializer=proto_dot_ringfence__pb2.HuntResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -699,6 +749,87 @@ class Admin:
             '/ringfence.v1.Admin/RevokeAgent',
             proto_dot_ringfence__pb2.RevokeAgentRequest.SerializeToString,
             proto_dot_ringfence__pb2.RevokeAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ringfence.v1.Admin/ListAlerts',
+            proto_dot_ringfence__pb2.ListAlertsRequest.SerializeToString,
+            proto_dot_ringfence__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ringfence.v1.Admin/UpdateAlert',
+            proto_dot_ringfence__pb2.UpdateAlertRequest.SerializeToString,
+            proto_dot_ringfence__pb2.Alert.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hunt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ringfence.v1.Admin/Hunt',
+            proto_dot_ringfence__pb2.HuntRequest.SerializeToString,
+            proto_dot_ringfence__pb2.HuntResponse.FromString,
             options,
             channel_credentials,
             insecure,

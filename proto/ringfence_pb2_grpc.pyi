@@ -348,7 +348,55 @@ _AdminRevokeAgentType = typing_extensions.TypeVar(
     ],
 )
 
-class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _AdminListIntegrityAlertsType, _AdminIsolateType, _AdminReleaseType, _AdminCollectType, _AdminTriageType, _AdminGetCommandType, _AdminCreateBundleType, _AdminListAuditType, _AdminRevokeAgentType]):
+_AdminListAlertsType = typing_extensions.TypeVar(
+    '_AdminListAlertsType',
+    grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.ListAlertsRequest,
+        proto.ringfence_pb2.ListAlertsResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.ListAlertsRequest,
+        proto.ringfence_pb2.ListAlertsResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.ListAlertsRequest,
+        proto.ringfence_pb2.ListAlertsResponse,
+    ],
+)
+
+_AdminUpdateAlertType = typing_extensions.TypeVar(
+    '_AdminUpdateAlertType',
+    grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.UpdateAlertRequest,
+        proto.ringfence_pb2.Alert,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.UpdateAlertRequest,
+        proto.ringfence_pb2.Alert,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.UpdateAlertRequest,
+        proto.ringfence_pb2.Alert,
+    ],
+)
+
+_AdminHuntType = typing_extensions.TypeVar(
+    '_AdminHuntType',
+    grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.HuntRequest,
+        proto.ringfence_pb2.HuntResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.HuntRequest,
+        proto.ringfence_pb2.HuntResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.HuntRequest,
+        proto.ringfence_pb2.HuntResponse,
+    ],
+)
+
+class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _AdminListIntegrityAlertsType, _AdminIsolateType, _AdminReleaseType, _AdminCollectType, _AdminTriageType, _AdminGetCommandType, _AdminCreateBundleType, _AdminListAuditType, _AdminRevokeAgentType, _AdminListAlertsType, _AdminUpdateAlertType, _AdminHuntType]):
     """---------------------------------------------------------------------------------------------
     Admin API (mutual TLS, responder certificates; role checked on every call)
     ---------------------------------------------------------------------------------------------
@@ -400,6 +448,18 @@ class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _Admi
             proto.ringfence_pb2.RevokeAgentRequest,
             proto.ringfence_pb2.RevokeAgentResponse,
         ],
+        grpc.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.ListAlertsRequest,
+            proto.ringfence_pb2.ListAlertsResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.UpdateAlertRequest,
+            proto.ringfence_pb2.Alert,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.HuntRequest,
+            proto.ringfence_pb2.HuntResponse,
+        ],
     ], channel: grpc.Channel) -> None: ...
 
     @typing.overload
@@ -448,6 +508,18 @@ class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _Admi
             proto.ringfence_pb2.RevokeAgentRequest,
             proto.ringfence_pb2.RevokeAgentResponse,
         ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.ListAlertsRequest,
+            proto.ringfence_pb2.ListAlertsResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.UpdateAlertRequest,
+            proto.ringfence_pb2.Alert,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.HuntRequest,
+            proto.ringfence_pb2.HuntResponse,
+        ],
     ], channel: grpc.aio.Channel) -> None: ...
 
     ListHosts: _AdminListHostsType
@@ -472,6 +544,15 @@ class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _Admi
 
     RevokeAgent: _AdminRevokeAgentType
     """Revoke an agent's certificate: refused on its next connection, live session closed."""
+
+    ListAlerts: _AdminListAlertsType
+    """Detection alerts: list them (viewer), acknowledge or close them (responder), and run a
+    Sigma rule over stored history (responder).
+    """
+
+    UpdateAlert: _AdminUpdateAlertType
+
+    Hunt: _AdminHuntType
 
 AdminAsyncStub: typing_extensions.TypeAlias = AdminStub[
     grpc.aio.UnaryUnaryMultiCallable[
@@ -517,6 +598,18 @@ AdminAsyncStub: typing_extensions.TypeAlias = AdminStub[
     grpc.aio.UnaryUnaryMultiCallable[
         proto.ringfence_pb2.RevokeAgentRequest,
         proto.ringfence_pb2.RevokeAgentResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.ListAlertsRequest,
+        proto.ringfence_pb2.ListAlertsResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.UpdateAlertRequest,
+        proto.ringfence_pb2.Alert,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.HuntRequest,
+        proto.ringfence_pb2.HuntResponse,
     ],
 ]
 
@@ -603,5 +696,29 @@ class AdminServicer(metaclass=abc.ABCMeta):
         context: _ServicerContext,
     ) -> typing.Union[proto.ringfence_pb2.RevokeAgentResponse, collections.abc.Awaitable[proto.ringfence_pb2.RevokeAgentResponse]]:
         """Revoke an agent's certificate: refused on its next connection, live session closed."""
+
+    @abc.abstractmethod
+    def ListAlerts(
+        self,
+        request: proto.ringfence_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[proto.ringfence_pb2.ListAlertsResponse, collections.abc.Awaitable[proto.ringfence_pb2.ListAlertsResponse]]:
+        """Detection alerts: list them (viewer), acknowledge or close them (responder), and run a
+        Sigma rule over stored history (responder).
+        """
+
+    @abc.abstractmethod
+    def UpdateAlert(
+        self,
+        request: proto.ringfence_pb2.UpdateAlertRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[proto.ringfence_pb2.Alert, collections.abc.Awaitable[proto.ringfence_pb2.Alert]]: ...
+
+    @abc.abstractmethod
+    def Hunt(
+        self,
+        request: proto.ringfence_pb2.HuntRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[proto.ringfence_pb2.HuntResponse, collections.abc.Awaitable[proto.ringfence_pb2.HuntResponse]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...
