@@ -262,7 +262,9 @@ def to_timesketch(event: pb.Event, agent_id: str) -> dict[str, Any]:
         "seq": event.seq,
         "ocsf_class_uid": ocsf["class_uid"],
     }
-    row.update(_flat_fields(event))
+    for key, value in _flat_fields(event).items():
+        # A body field named like a row field (lifecycle's own `kind`) must not replace it.
+        row[f"{kind}.{key}" if key in row else key] = value
     return row
 
 
@@ -272,7 +274,9 @@ def to_jsonl(event: pb.Event, agent_id: str) -> dict[str, Any]:
     row: dict[str, Any] = {"agent_id": agent_id, "seq": event.seq, "time": _iso(event.time_ns),
                            "time_ns": event.time_ns, "severity_id": event.severity_id,
                            "kind": kind}
-    row.update(_flat_fields(event))
+    for key, value in _flat_fields(event).items():
+        # A body field named like a row field (lifecycle's own `kind`) must not replace it.
+        row[f"{kind}.{key}" if key in row else key] = value
     return row
 
 
@@ -350,4 +354,7 @@ def summary(event: pb.Event) -> str:
         return f"command {c.action or '?'} {c.outcome} {c.reason} ({c.command_id[:12]})"
     if kind == "triage":
         return f"triage {event.triage.section} ({len(event.triage.json)} bytes)"
+    if kind == "response":
+        r = event.response
+        return f"response {r.action} {r.target} {r.outcome} ({r.command_id[:12]})"
     return ""
