@@ -1690,6 +1690,44 @@ class RevokeAgentResponse(google.protobuf.message.Message):
 Global___RevokeAgentResponse: typing_extensions.TypeAlias = RevokeAgentResponse
 
 @typing.final
+class CreateConsoleLoginRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+Global___CreateConsoleLoginRequest: typing_extensions.TypeAlias = CreateConsoleLoginRequest
+
+@typing.final
+class ConsoleLogin(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    URL_FIELD_NUMBER: builtins.int
+    EXPIRES_NS_FIELD_NUMBER: builtins.int
+    ACTOR_FIELD_NUMBER: builtins.int
+    ROLE_FIELD_NUMBER: builtins.int
+    url: builtins.str
+    """one-time login URL; the token in it works once"""
+    expires_ns: builtins.int
+    """the token is refused after this time"""
+    actor: builtins.str
+    """responder name the session will act as"""
+    role: builtins.str
+    """that responder's role"""
+    def __init__(
+        self,
+        *,
+        url: builtins.str = ...,
+        expires_ns: builtins.int = ...,
+        actor: builtins.str = ...,
+        role: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["actor", b"actor", "expires_ns", b"expires_ns", "role", b"role", "url", b"url"]) -> None: ...
+
+Global___ConsoleLogin: typing_extensions.TypeAlias = ConsoleLogin
+
+@typing.final
 class EventLink(google.protobuf.message.Message):
     """-- detection alerts ---------------------------------------------------------------------------"""
 

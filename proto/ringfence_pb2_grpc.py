@@ -278,6 +278,11 @@ class AdminStub:
                 request_serializer=proto_dot_ringfence__pb2.HuntRequest.SerializeToString,
                 response_deserializer=proto_dot_ringfence__pb2.HuntResponse.FromString,
                 _registered_method=True)
+        self.CreateConsoleLogin = channel.unary_unary(
+                '/ringfence.v1.Admin/CreateConsoleLogin',
+                request_serializer=proto_dot_ringfence__pb2.CreateConsoleLoginRequest.SerializeToString,
+                response_deserializer=proto_dot_ringfence__pb2.ConsoleLogin.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -374,6 +379,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateConsoleLogin(self, request, context):
+        """Mint a one-time web console login URL bound to the caller's responder identity.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -446,6 +458,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Hunt,
                     request_deserializer=proto_dot_ringfence__pb2.HuntRequest.FromString,
                     response_serializer=proto_dot_ringfence__pb2.HuntResponse.SerializeToString,
+            ),
+            'CreateConsoleLogin': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateConsoleLogin,
+                    request_deserializer=proto_dot_ringfence__pb2.CreateConsoleLoginRequest.FromString,
+                    response_serializer=proto_dot_ringfence__pb2.ConsoleLogin.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -830,6 +847,33 @@ class Admin:
             '/ringfence.v1.Admin/Hunt',
             proto_dot_ringfence__pb2.HuntRequest.SerializeToString,
             proto_dot_ringfence__pb2.HuntResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateConsoleLogin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ringfence.v1.Admin/CreateConsoleLogin',
+            proto_dot_ringfence__pb2.CreateConsoleLoginRequest.SerializeToString,
+            proto_dot_ringfence__pb2.ConsoleLogin.FromString,
             options,
             channel_credentials,
             insecure,

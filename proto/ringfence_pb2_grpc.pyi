@@ -396,7 +396,23 @@ _AdminHuntType = typing_extensions.TypeVar(
     ],
 )
 
-class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _AdminListIntegrityAlertsType, _AdminIsolateType, _AdminReleaseType, _AdminCollectType, _AdminTriageType, _AdminGetCommandType, _AdminCreateBundleType, _AdminListAuditType, _AdminRevokeAgentType, _AdminListAlertsType, _AdminUpdateAlertType, _AdminHuntType]):
+_AdminCreateConsoleLoginType = typing_extensions.TypeVar(
+    '_AdminCreateConsoleLoginType',
+    grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.CreateConsoleLoginRequest,
+        proto.ringfence_pb2.ConsoleLogin,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.CreateConsoleLoginRequest,
+        proto.ringfence_pb2.ConsoleLogin,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.CreateConsoleLoginRequest,
+        proto.ringfence_pb2.ConsoleLogin,
+    ],
+)
+
+class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _AdminListIntegrityAlertsType, _AdminIsolateType, _AdminReleaseType, _AdminCollectType, _AdminTriageType, _AdminGetCommandType, _AdminCreateBundleType, _AdminListAuditType, _AdminRevokeAgentType, _AdminListAlertsType, _AdminUpdateAlertType, _AdminHuntType, _AdminCreateConsoleLoginType]):
     """---------------------------------------------------------------------------------------------
     Admin API (mutual TLS, responder certificates; role checked on every call)
     ---------------------------------------------------------------------------------------------
@@ -460,6 +476,10 @@ class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _Admi
             proto.ringfence_pb2.HuntRequest,
             proto.ringfence_pb2.HuntResponse,
         ],
+        grpc.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.CreateConsoleLoginRequest,
+            proto.ringfence_pb2.ConsoleLogin,
+        ],
     ], channel: grpc.Channel) -> None: ...
 
     @typing.overload
@@ -520,6 +540,10 @@ class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _Admi
             proto.ringfence_pb2.HuntRequest,
             proto.ringfence_pb2.HuntResponse,
         ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.CreateConsoleLoginRequest,
+            proto.ringfence_pb2.ConsoleLogin,
+        ],
     ], channel: grpc.aio.Channel) -> None: ...
 
     ListHosts: _AdminListHostsType
@@ -553,6 +577,9 @@ class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _Admi
     UpdateAlert: _AdminUpdateAlertType
 
     Hunt: _AdminHuntType
+
+    CreateConsoleLogin: _AdminCreateConsoleLoginType
+    """Mint a one-time web console login URL bound to the caller's responder identity."""
 
 AdminAsyncStub: typing_extensions.TypeAlias = AdminStub[
     grpc.aio.UnaryUnaryMultiCallable[
@@ -610,6 +637,10 @@ AdminAsyncStub: typing_extensions.TypeAlias = AdminStub[
     grpc.aio.UnaryUnaryMultiCallable[
         proto.ringfence_pb2.HuntRequest,
         proto.ringfence_pb2.HuntResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.CreateConsoleLoginRequest,
+        proto.ringfence_pb2.ConsoleLogin,
     ],
 ]
 
@@ -720,5 +751,13 @@ class AdminServicer(metaclass=abc.ABCMeta):
         request: proto.ringfence_pb2.HuntRequest,
         context: _ServicerContext,
     ) -> typing.Union[proto.ringfence_pb2.HuntResponse, collections.abc.Awaitable[proto.ringfence_pb2.HuntResponse]]: ...
+
+    @abc.abstractmethod
+    def CreateConsoleLogin(
+        self,
+        request: proto.ringfence_pb2.CreateConsoleLoginRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[proto.ringfence_pb2.ConsoleLogin, collections.abc.Awaitable[proto.ringfence_pb2.ConsoleLogin]]:
+        """Mint a one-time web console login URL bound to the caller's responder identity."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from collector.rpc import SessionRegistry
 from collector.store.base import (
@@ -36,6 +37,9 @@ from isolation import Policy, PolicyError
 from isolation.policy import POLICY_VERSION
 from server.commands import CommandQueue
 
+if TYPE_CHECKING:
+    from server.detection.service import DetectionAdmin
+
 logger = logging.getLogger(__name__)
 
 ROLES = ("viewer", "responder", "admin")
@@ -45,11 +49,14 @@ REQUIRED_ROLE = {
     "query_events": "viewer",
     "integrity": "viewer",
     "get_command": "viewer",
+    "list_alerts": "viewer",
     "isolate": "responder",
     "release": "responder",
     "collect": "responder",
     "triage": "responder",
     "create_bundle": "responder",
+    "update_alert": "responder",
+    "hunt": "responder",
     "list_audit": "admin",
     "revoke_agent": "admin",
 }
@@ -122,6 +129,9 @@ def verify_audit(rows: list[AuditRow], head: tuple[int, bytes] | None) -> None:
 
 class Admin:
     """The admin API's logic, shared by the gRPC service and the web console."""
+
+    # Alerts and hunts (server.detection.service); attached by the composition root.
+    detection: DetectionAdmin | None = None
 
     def __init__(self, store: Store, registry: SessionRegistry, commands: CommandQueue,
                  collector_endpoints: list[tuple[str, int]]) -> None:

@@ -1,5 +1,6 @@
 """Composition root of `ringfence server run`: builds the store, PKI, control plane and the
-three listeners (enrollment, collector, admin), and shuts them down cleanly.
+listeners (enrollment, collector, admin; the web console with /metrics when configured), and
+shuts them down cleanly.
 
 Nothing here decides policy; it only wires the parts together from a frozen RunConfig.
 """
@@ -23,8 +24,12 @@ from proto.limits import server_options
 from server.admin import Admin
 from server.bundles import BundleService
 from server.commands import CommandQueue
+from server.console import LoginIssuer
+from server.console.auth import ConsoleAuth
+from server.console.web import ConsoleApp, ConsoleServer
 from server.control import BlobStore, ControlPlane
 from server.fleet import Enrollment, load_config
+from server.metrics import MeteredControlPlane, ServerMetrics
 from server.pki import CertificateAuthority, ServerPaths
 from server.rpc import AdminService, EnrollmentService
 
@@ -41,6 +46,8 @@ class RunConfig:
     enroll: str = "0.0.0.0:8442"          # enrollment (TLS, server-authenticated only)
     advertise: tuple[str, ...] = ()       # collector addresses for isolation policies
     max_sessions: int = 1000
+    console: str | None = None            # web console + /metrics HOST:PORT; None = off
+    console_url: str = ""                 # base URL in login links (default http://HOST:PORT)
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,12 @@ class RunningServer:
     servers: tuple[grpc.Server, ...]
     store: SQLiteStore
     stopped: threading.Event
+    console: ConsoleServer | None = None
+    metrics: ServerMetrics | None = None
 
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        if self.console is not None:
+            self.console.stop()
         events = [s.stop(grace_s) for s in self.servers]
         for e in events:
             e.wait(grace_s + 1)
@@ -75,7 +86,10 @@ def start(config: RunConfig) -> RunningServer:
     store = SQLiteStore(paths.database)
     registry = SessionRegistry()
     commands = CommandQueue(store, registry, signing_key)
-    control = ControlPlane(store, registry, commands, BlobStore(paths.blobs))
+    console_auth = ConsoleAuth()
+    metrics = ServerMetrics(store, registry, console_auth.counts)
+    control = MeteredControlPlane(ControlPlane(store, registry, commands, BlobStore(paths.blobs)),
+                                  store, metrics)
     server_pair = [(paths.server_key.read_bytes(), paths.server_cert.read_bytes())]
     ca_pem = paths.ca_cert.read_bytes()
     tls_only = grpc.ssl_server_credentials(server_pair)
@@ -104,17 +118,28 @@ def start(config: RunConfig) -> RunningServer:
     pb_grpc.add_CollectorServicer_to_server(CollectorService(store, control, registry),
                                             collector_server)
     bundles = BundleService(store, admin, paths, signing_key)
-    pb_grpc.add_AdminServicer_to_server(AdminService(admin, store, bundles.stream),
+    console: ConsoleServer | None = None
+    issuer: LoginIssuer | None = None
+    if config.console:
+        host, _, port = config.console.rpartition(":")
+        console = ConsoleServer(ConsoleApp(admin, store, console_auth, bundles, metrics),
+                                host.strip("[]"), int(port))
+        ports["console"] = console.port
+        issuer = LoginIssuer(admin, console_auth, config.console_url or
+                             f"http://{host}:{console.port}")
+    pb_grpc.add_AdminServicer_to_server(AdminService(admin, store, bundles.stream, issuer),
                                         admin_server)
     for s in (enroll_server, collector_server, admin_server):
         s.start()
+    if console is not None:
+        console.start()
     run_dir = config.data_dir / "run"
     run_dir.mkdir(exist_ok=True, mode=0o700)
     admin_host = config.admin.rsplit(":", 1)[0]
     (run_dir / "server.json").write_text(json.dumps({
         "admin": f"{admin_host}:{ports['admin']}", "collector_port": ports["collector"],
-        "enroll_port": ports["enroll"]}))
-    logger.info("ringfence server listening: enroll %s, collector %s, admin %s",
-                ports["enroll"], ports["collector"], ports["admin"])
+        "enroll_port": ports["enroll"], "console_port": ports.get("console", 0)}))
+    logger.info("ringfence server listening: enroll %s, collector %s, admin %s, console %s",
+                ports["enroll"], ports["collector"], ports["admin"], ports.get("console", "off"))
     return RunningServer(ports, (enroll_server, collector_server, admin_server), store,
-                         threading.Event())
+                         threading.Event(), console, metrics)

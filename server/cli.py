@@ -95,7 +95,8 @@ def cmd_server_run(args: argparse.Namespace) -> int:
     config = RunConfig(
         data_dir=data_dir, listen=args.listen or f"0.0.0.0:{fleet.collector_port}",
         admin=args.admin, enroll=args.enroll or f"0.0.0.0:{fleet.enroll_port}",
-        advertise=tuple(args.advertise or ()))
+        advertise=tuple(args.advertise or ()), console=_console_address(args),
+        console_url=args.console_url or "")
     running = start(config)
     stop = threading.Event()
 
@@ -107,9 +108,36 @@ def cmd_server_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     print(f"ringfence server running: enroll :{running.ports['enroll']}, collector "
           f":{running.ports['collector']}, admin {config.admin.rsplit(':', 1)[0]}:"
-          f"{running.ports['admin']}", flush=True)
+          f"{running.ports['admin']}" + (f", console http://{config.console.rsplit(':', 1)[0]}:"
+                                         f"{running.ports['console']}" if config.console
+                                         else ""), flush=True)
     stop.wait()
     running.stop()
+    return EXIT_OK
+
+
+def _console_address(args: argparse.Namespace) -> str | None:
+    """--console HOST:PORT, 'off', or by default the admin API's host on port 8445 (port 0,
+    any free port, when the admin API itself was given port 0, as tests do)."""
+    if args.console == "off":
+        return None
+    if args.console:
+        return str(args.console)
+    host, _, port = args.admin.rpartition(":")
+    return f"{host}:{0 if port == '0' else 8445}"
+
+
+def cmd_console_login(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        login = client.console_login()
+    if args.json:
+        _print_json({"url": login.url, "expires_ns": login.expires_ns,
+                     "expires": fmt_time(login.expires_ns), "actor": login.actor,
+                     "role": login.role})
+        return EXIT_OK
+    print(login.url)
+    print(f"one-time login for {login.actor} ({login.role}); open it before "
+          f"{fmt_time(login.expires_ns)} UTC, it works once", file=sys.stderr)
     return EXIT_OK
 
 
@@ -509,7 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", action="append",
                    help="collector address isolated agents must still reach (default: the "
                         "addresses given to `server init`)")
+    p.add_argument("--console", help="web console and /metrics HOST:PORT (default: the admin "
+                                     "host, port 8445), or 'off'")
+    p.add_argument("--console-url", help="base URL printed in console login links, when the "
+                                         "console sits behind a proxy")
     p.set_defaults(func=cmd_server_run)
+
+    console = sub.add_parser("console", help="the web console").add_subparsers(
+        dest="console_command", required=True)
+    p = console.add_parser("login", help="print a one-time console login URL for your identity")
+    _add_connection(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_console_login)
 
     token = sub.add_parser("token", help="enrollment tokens").add_subparsers(
         dest="token_command", required=True)

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +79,11 @@ class ControlPlane:
     """The server's side of agent sessions."""
 
     def __init__(self, store: Store, registry: SessionRegistry, commands: CommandQueue,
-                 blobs: BlobStore) -> None:
+                 blobs: BlobStore,
+                 detection: Callable[[str, list[DecodedEvent]], None] | None = None) -> None:
         self._store = store
+        # Receives every stored batch (server.detection queues it and returns at once).
+        self._detection = detection
         self._registry = registry
         self._commands = commands
         self._blobs = blobs
@@ -127,6 +131,8 @@ class ControlPlane:
                                               time.time_ns())
             elif d.kind == "acquisition":
                 self._check_acquisition(agent_id, d.event.acquisition)
+        if self._detection is not None:
+            self._detection(agent_id, events)
 
     # -- files ----------------------------------------------------------------------------------
     def file_chunk(self, agent_id: str, chunk: pb.FileChunk) -> None:

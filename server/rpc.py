@@ -22,6 +22,9 @@ from proto import ringfence_pb2 as pb
 from proto import ringfence_pb2_grpc as pb_grpc
 from proto.limits import UNARY_DEADLINE_S, client_options
 from server.admin import Actor, Admin, AdminError, AllowSpec, InvalidRequest, PermissionDenied
+from server.detection import DetectionError, DetectionStoreError
+from server.detection.records import Alert
+from server.detection.service import DetectionAdmin
 from server.fleet import Enrollment, EnrollmentRefused
 from server.pki import Identity
 
@@ -42,6 +45,8 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, DetectionStoreError):
+        return grpc.StatusCode.UNAVAILABLE, "detection storage is failing; retry later"
     if isinstance(error, StoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, "server storage is failing; retry later"
     if isinstance(error, (StoreError, AdminError)):
@@ -108,13 +113,15 @@ class AdminService(pb_grpc.AdminServicer):
         actor = self._actor(context)
         try:
             return fn(actor)
-        except (AdminError, StoreError) as e:
+        except (AdminError, StoreError, DetectionError) as e:
             _abort(context, e)
             raise
 
     def ListHosts(self, request: pb.ListHostsRequest,
                   context: grpc.ServicerContext) -> pb.ListHostsResponse:
         views = self._call(context, self._admin.list_hosts)
+        detection = self._admin.detection
+        open_alerts = detection.open_alert_counts() if detection is not None else {}
         hosts = [pb.Host(
             agent_id=v.agent.agent_id, hostname=v.agent.hostname, online=v.online,
             last_seen_ns=v.agent.last_seen_ns, agent_version=v.agent.agent_version,
@@ -123,7 +130,8 @@ class AdminService(pb_grpc.AdminServicer):
             isolation_changed_ns=v.agent.isolation_changed_ns,
             isolation_reason=v.agent.isolation_reason, sensors=v.agent.sensors,
             enrolled_ns=v.agent.enrolled_ns, os=v.agent.os, addresses=list(v.agent.addresses),
-            revoked=v.agent.revoked) for v in views]
+            revoked=v.agent.revoked,
+            open_alerts=open_alerts.get(v.agent.agent_id, 0)) for v in views]
         return pb.ListHostsResponse(hosts=hosts)
 
     def QueryEvents(self, request: pb.QueryEventsRequest,
@@ -198,6 +206,62 @@ class AdminService(pb_grpc.AdminServicer):
         agent_id, closed = self._call(context, lambda a: self._admin.revoke_agent(
             a, request.host, request.reason))
         return pb.RevokeAgentResponse(agent_id=agent_id, session_closed=closed)
+
+    # -- detection (server.detection.service) -------------------------------------------------
+    def _detection(self, context: grpc.ServicerContext) -> DetectionAdmin:
+        if self._admin.detection is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "detection is not running on this "
+                          "server")
+        assert self._admin.detection is not None
+        return self._admin.detection
+
+    def _hostname(self, agent_id: str, cache: dict[str, str]) -> str:
+        if agent_id not in cache:
+            agent = self._store.get_agent(agent_id)
+            cache[agent_id] = agent.hostname if agent else ""
+        return cache[agent_id]
+
+    def _alert(self, a: Alert, names: dict[str, str]) -> pb.Alert:
+        return pb.Alert(
+            alert_id=a.alert_id, raised_ns=a.raised_ns, agent_id=a.agent_id,
+            hostname=self._hostname(a.agent_id, names), source=a.source, rule_id=a.rule_id,
+            title=a.title, severity=a.severity, detail=a.detail,
+            events=[pb.EventLink(agent_id=e.agent_id, seq=e.seq) for e in a.events],
+            count=a.count, first_event_ns=a.first_event_ns, last_event_ns=a.last_event_ns,
+            updated_ns=a.updated_ns, status=a.status, status_reason=a.status_reason,
+            status_actor=a.status_actor, hash=a.hash.hex())
+
+    def ListAlerts(self, request: pb.ListAlertsRequest,
+                   context: grpc.ServicerContext) -> pb.ListAlertsResponse:
+        detection = self._detection(context)
+        alerts, error, records = self._call(context, lambda a: detection.list_alerts(
+            a, request.host, request.min_severity, request.status, request.after_id,
+            request.limit, request.verify))
+        names: dict[str, str] = {}
+        return pb.ListAlertsResponse(alerts=[self._alert(a, names) for a in alerts],
+                                     verified=request.verify and not error,
+                                     verify_error=error, log_records=records)
+
+    def UpdateAlert(self, request: pb.UpdateAlertRequest,
+                    context: grpc.ServicerContext) -> pb.Alert:
+        detection = self._detection(context)
+        alert = self._call(context, lambda a: detection.update_alert(
+            a, request.alert_id, request.status, request.reason))
+        return self._alert(alert, {})
+
+    def Hunt(self, request: pb.HuntRequest, context: grpc.ServicerContext) -> pb.HuntResponse:
+        detection = self._detection(context)
+        result = self._call(context, lambda a: detection.hunt(
+            a, request.rule, request.rule_yaml, list(request.hosts), request.since_ns,
+            request.until_ns, request.limit))
+        names: dict[str, str] = {}
+        return pb.HuntResponse(
+            rule_id=result.rule_id, title=result.title, events_scanned=result.scanned,
+            truncated=result.truncated, matches=[pb.HuntMatch(
+                agent_id=m.agent_id, hostname=self._hostname(m.agent_id, names),
+                seq=m.event.seq if m.event else 0, time_ns=event.time_ns, detail=m.detail,
+                event=event.SerializeToString(deterministic=True))
+                for m, event in result.matches])
 
 
 # -- client side (CLI) --------------------------------------------------------------------------
@@ -290,3 +354,12 @@ class AdminClient:
 
     def revoke_agent(self, host: str, reason: str) -> pb.RevokeAgentResponse:
         return self._unary(self._stub.RevokeAgent, pb.RevokeAgentRequest(host=host, reason=reason))
+
+    def list_alerts(self, request: pb.ListAlertsRequest) -> pb.ListAlertsResponse:
+        return self._unary(self._stub.ListAlerts, request)
+
+    def update_alert(self, request: pb.UpdateAlertRequest) -> pb.Alert:
+        return self._unary(self._stub.UpdateAlert, request)
+
+    def hunt(self, request: pb.HuntRequest, timeout_s: float = 600.0) -> pb.HuntResponse:
+        return self._unary(self._stub.Hunt, request, timeout=timeout_s)

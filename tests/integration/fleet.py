@@ -65,11 +65,12 @@ class Fleet:
 
 @contextlib.contextmanager
 def running_fleet(base: Path, addresses: tuple[str, ...] = ("localhost", "127.0.0.1"),
-                  advertise: tuple[str, ...] = ()) -> Iterator[Fleet]:
+                  advertise: tuple[str, ...] = (),
+                  console: str | None = None) -> Iterator[Fleet]:
     data_dir = base / "server"
     init_server(data_dir, list(addresses))
     server = start(RunConfig(data_dir=data_dir, listen="127.0.0.1:0", admin="127.0.0.1:0",
-                             enroll="127.0.0.1:0", advertise=advertise))
+                             enroll="127.0.0.1:0", advertise=advertise, console=console))
     try:
         yield Fleet(data_dir, server, ServerPaths(data_dir))
     finally:
