@@ -3,16 +3,16 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
-DEB_PACKAGES := nftables iptables conntrack iproute2 procps
-DEB_BINARIES := nft iptables-restore conntrack ip ps
+DEB_PACKAGES := nftables iptables conntrack iproute2 procps chromium
+DEB_BINARIES := nft iptables-restore conntrack ip ps chromium
 
 .PHONY: deb-check setup demo test check proto proto-check mypy lint-imports bench clean
 
 setup: $(VENV_STAMP)
 
-# Debian packages the isolation backends and namespace tests need. Installed only when one of
-# their binaries is missing and we are root; otherwise say what is missing and go on (the
-# tests that need them skip outside CI and fail inside it).
+# Debian packages the isolation backends, namespace tests and browser tests (chromium) need.
+# Installed only when one of their binaries is missing and we are root; otherwise say what is
+# missing and go on (the tests that need them skip outside CI and fail inside it).
 deb-check:
 	@missing=""; for b in $(DEB_BINARIES); do command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \

@@ -53,7 +53,9 @@ SECURITY_HEADERS = [
                                 "frame-ancestors 'none'; base-uri 'none'"),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"),
+    # same-origin, not no-referrer: with no-referrer Chromium sends `Origin: null` on form
+    # posts, and the origin check below needs the real one.
+    ("Referrer-Policy", "same-origin"),
     ("Cache-Control", "no-store"),
 ]
 NOTICES = {
