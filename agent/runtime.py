@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__
 from agent.actions.isolation import IsolationController, IsolationTransition
+from agent.actions.response import ResponseActions
 from agent.chain import EvidenceChain
 from agent.commands import CommandGate
 from agent.config import AgentConfig
@@ -80,9 +81,12 @@ class Agent:
         self.session = Session(transport, self.spool, self._hello, self._on_command,
                                config.session, heartbeat=self._heartbeat,
                                on_server_message=self.isolation.wake)
+        self.responses = ResponseActions(paths.root, self.chain.record, config.isolation.netns,
+                                         config.max_file_bytes)
         self.executor = Executor(self.agent_id, self.gate, key, self.isolation, self.chain.record,
                                  self._send_result, config.max_file_bytes, self._send_chunk,
-                                 make_durable=self.spool.flush)
+                                 make_durable=self.spool.flush,
+                                 responses=self.responses)
         self._threads: list[threading.Thread] = []
 
     def _backend(self) -> FirewallBackend:
@@ -158,6 +162,14 @@ class Agent:
                 f"records skipped, {recovery.torn_bytes_truncated} torn bytes truncated",
                 lost=recovery.corrupt_skipped)))
         outcome = self.isolation.resume_from_disk()
+        try:
+            blocked = self.responses.resume_from_disk()
+            if blocked:
+                logger.warning("re-applied the indicator block table: %d networks", len(blocked))
+        except Exception as e:
+            logger.error("could not re-apply the indicator block table: %s", e)
+            self.chain.record(pb.Event(severity_id=4, lifecycle=pb.AgentLifecycle(
+                kind=pb.AgentLifecycle.SENSOR_ERROR, message=f"block table not re-applied: {e}")))
         if outcome is not None:
             logger.warning("re-applied persisted isolation (command %s): %s",
                            outcome.command_id, outcome.state)

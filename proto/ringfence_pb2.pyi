@@ -62,6 +62,7 @@ class Event(google.protobuf.message.Message):
     ACQUISITION_FIELD_NUMBER: builtins.int
     COMMAND_FIELD_NUMBER: builtins.int
     TRIAGE_FIELD_NUMBER: builtins.int
+    RESPONSE_FIELD_NUMBER: builtins.int
     seq: builtins.int
     """Position in the agent's chain: monotonic per agent, starts at 1, never reused, survives
     restarts. A jump in seq is only legal right before a Gap event that names the jump.
@@ -116,6 +117,10 @@ class Event(google.protobuf.message.Message):
     def triage(self) -> Global___TriageSnapshot:
         """volatile state captured on request or before isolation"""
 
+    @property
+    def response(self) -> Global___ResponseActivity:
+        """a targeted containment action and what it did"""
+
     def __init__(
         self,
         *,
@@ -134,10 +139,11 @@ class Event(google.protobuf.message.Message):
         acquisition: Global___FileAcquisition | None = ...,
         command: Global___CommandActivity | None = ...,
         triage: Global___TriageSnapshot | None = ...,
+        response: Global___ResponseActivity | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["acquisition", b"acquisition", "body", b"body", "command", b"command", "dns", b"dns", "file", b"file", "gap", b"gap", "isolation", b"isolation", "lifecycle", b"lifecycle", "network", b"network", "process", b"process", "sensor_loss", b"sensor_loss", "triage", b"triage"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["acquisition", b"acquisition", "agent_id", b"agent_id", "body", b"body", "command", b"command", "dns", b"dns", "file", b"file", "gap", b"gap", "isolation", b"isolation", "lifecycle", b"lifecycle", "network", b"network", "process", b"process", "sensor_loss", b"sensor_loss", "seq", b"seq", "severity_id", b"severity_id", "time_ns", b"time_ns", "triage", b"triage"]) -> None: ...
-    def WhichOneof(self, oneof_group: typing.Literal["body", b"body"]) -> typing.Literal["process", "file", "network", "dns", "lifecycle", "isolation", "gap", "sensor_loss", "acquisition", "command", "triage"] | None: ...
+    def HasField(self, field_name: typing.Literal["acquisition", b"acquisition", "body", b"body", "command", b"command", "dns", b"dns", "file", b"file", "gap", b"gap", "isolation", b"isolation", "lifecycle", b"lifecycle", "network", b"network", "process", b"process", "response", b"response", "sensor_loss", b"sensor_loss", "triage", b"triage"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["acquisition", b"acquisition", "agent_id", b"agent_id", "body", b"body", "command", b"command", "dns", b"dns", "file", b"file", "gap", b"gap", "isolation", b"isolation", "lifecycle", b"lifecycle", "network", b"network", "process", b"process", "response", b"response", "sensor_loss", b"sensor_loss", "seq", b"seq", "severity_id", b"severity_id", "time_ns", b"time_ns", "triage", b"triage"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["body", b"body"]) -> typing.Literal["process", "file", "network", "dns", "lifecycle", "isolation", "gap", "sensor_loss", "acquisition", "command", "triage", "response"] | None: ...
 
 Global___Event: typing_extensions.TypeAlias = Event
 
@@ -755,6 +761,41 @@ class CommandActivity(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["action", b"action", "command_id", b"command_id", "command_seq", b"command_seq", "outcome", b"outcome", "reason", b"reason"]) -> None: ...
 
 Global___CommandActivity: typing_extensions.TypeAlias = CommandActivity
+
+@typing.final
+class ResponseActivity(google.protobuf.message.Message):
+    """A targeted containment action (kill, quarantine, block indicators, lock a user) as the agent
+    carried it out: what was targeted, what was found there, and what was changed.
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: builtins.int
+    ACTION_FIELD_NUMBER: builtins.int
+    TARGET_FIELD_NUMBER: builtins.int
+    OUTCOME_FIELD_NUMBER: builtins.int
+    DETAIL_JSON_FIELD_NUMBER: builtins.int
+    command_id: builtins.str
+    action: builtins.str
+    """"kill" | "quarantine" | "unquarantine" | "block" | "unblock" | "lock_user" | "unlock_user" """
+    target: builtins.str
+    """pid, path, quarantine id, user name, or "indicators" """
+    outcome: builtins.str
+    """"succeeded" | "failed" | "refused" """
+    detail_json: builtins.str
+    """action-specific detail (canonical JSON, no file content)"""
+    def __init__(
+        self,
+        *,
+        command_id: builtins.str = ...,
+        action: builtins.str = ...,
+        target: builtins.str = ...,
+        outcome: builtins.str = ...,
+        detail_json: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["action", b"action", "command_id", b"command_id", "detail_json", b"detail_json", "outcome", b"outcome", "target", b"target"]) -> None: ...
+
+Global___ResponseActivity: typing_extensions.TypeAlias = ResponseActivity
 
 @typing.final
 class TriageSnapshot(google.protobuf.message.Message):
@@ -1690,44 +1731,6 @@ class RevokeAgentResponse(google.protobuf.message.Message):
 Global___RevokeAgentResponse: typing_extensions.TypeAlias = RevokeAgentResponse
 
 @typing.final
-class CreateConsoleLoginRequest(google.protobuf.message.Message):
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-
-Global___CreateConsoleLoginRequest: typing_extensions.TypeAlias = CreateConsoleLoginRequest
-
-@typing.final
-class ConsoleLogin(google.protobuf.message.Message):
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
-
-    URL_FIELD_NUMBER: builtins.int
-    EXPIRES_NS_FIELD_NUMBER: builtins.int
-    ACTOR_FIELD_NUMBER: builtins.int
-    ROLE_FIELD_NUMBER: builtins.int
-    url: builtins.str
-    """one-time login URL; the token in it works once"""
-    expires_ns: builtins.int
-    """the token is refused after this time"""
-    actor: builtins.str
-    """responder name the session will act as"""
-    role: builtins.str
-    """that responder's role"""
-    def __init__(
-        self,
-        *,
-        url: builtins.str = ...,
-        expires_ns: builtins.int = ...,
-        actor: builtins.str = ...,
-        role: builtins.str = ...,
-    ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["actor", b"actor", "expires_ns", b"expires_ns", "role", b"role", "url", b"url"]) -> None: ...
-
-Global___ConsoleLogin: typing_extensions.TypeAlias = ConsoleLogin
-
-@typing.final
 class EventLink(google.protobuf.message.Message):
     """-- detection alerts ---------------------------------------------------------------------------"""
 
@@ -2004,3 +2007,324 @@ class HuntResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["events_scanned", b"events_scanned", "matches", b"matches", "rule_id", b"rule_id", "title", b"title", "truncated", b"truncated"]) -> None: ...
 
 Global___HuntResponse: typing_extensions.TypeAlias = HuntResponse
+
+@typing.final
+class CreateConsoleLoginRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+Global___CreateConsoleLoginRequest: typing_extensions.TypeAlias = CreateConsoleLoginRequest
+
+@typing.final
+class ConsoleLogin(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    URL_FIELD_NUMBER: builtins.int
+    EXPIRES_NS_FIELD_NUMBER: builtins.int
+    ACTOR_FIELD_NUMBER: builtins.int
+    ROLE_FIELD_NUMBER: builtins.int
+    url: builtins.str
+    """one-time login URL; the token in it works once"""
+    expires_ns: builtins.int
+    """the token is refused after this time"""
+    actor: builtins.str
+    """responder name the session will act as"""
+    role: builtins.str
+    """that responder's role"""
+    def __init__(
+        self,
+        *,
+        url: builtins.str = ...,
+        expires_ns: builtins.int = ...,
+        actor: builtins.str = ...,
+        role: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["actor", b"actor", "expires_ns", b"expires_ns", "role", b"role", "url", b"url"]) -> None: ...
+
+Global___ConsoleLogin: typing_extensions.TypeAlias = ConsoleLogin
+
+@typing.final
+class KillRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    PID_FIELD_NUMBER: builtins.int
+    TREE_FIELD_NUMBER: builtins.int
+    START_TIME_NS_FIELD_NUMBER: builtins.int
+    EXE_FIELD_NUMBER: builtins.int
+    pid: builtins.int
+    tree: builtins.bool
+    """also kill every descendant"""
+    start_time_ns: builtins.int
+    """Identity of the process meant: start time (epoch ns) and executable. 0/empty: taken from
+    the host's stored launch event for this pid.
+    """
+    exe: builtins.str
+    def __init__(
+        self,
+        *,
+        pid: builtins.int = ...,
+        tree: builtins.bool = ...,
+        start_time_ns: builtins.int = ...,
+        exe: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["exe", b"exe", "pid", b"pid", "start_time_ns", b"start_time_ns", "tree", b"tree"]) -> None: ...
+
+Global___KillRequest: typing_extensions.TypeAlias = KillRequest
+
+@typing.final
+class QuarantineRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: builtins.int
+    path: builtins.str
+    """absolute path of the file to move into the vault"""
+    def __init__(
+        self,
+        *,
+        path: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["path", b"path"]) -> None: ...
+
+Global___QuarantineRequest: typing_extensions.TypeAlias = QuarantineRequest
+
+@typing.final
+class UnquarantineRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    QUARANTINE_ID_FIELD_NUMBER: builtins.int
+    quarantine_id: builtins.str
+    """as reported by the quarantine command"""
+    def __init__(
+        self,
+        *,
+        quarantine_id: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["quarantine_id", b"quarantine_id"]) -> None: ...
+
+Global___UnquarantineRequest: typing_extensions.TypeAlias = UnquarantineRequest
+
+@typing.final
+class BlockRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    IPS_FIELD_NUMBER: builtins.int
+    DOMAINS_FIELD_NUMBER: builtins.int
+    @property
+    def ips(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """addresses or CIDRs (IPv4 and IPv6)"""
+
+    @property
+    def domains(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """resolved on the server, never on the host"""
+
+    def __init__(
+        self,
+        *,
+        ips: collections.abc.Iterable[builtins.str] | None = ...,
+        domains: collections.abc.Iterable[builtins.str] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["domains", b"domains", "ips", b"ips"]) -> None: ...
+
+Global___BlockRequest: typing_extensions.TypeAlias = BlockRequest
+
+@typing.final
+class UnblockRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+Global___UnblockRequest: typing_extensions.TypeAlias = UnblockRequest
+
+@typing.final
+class LockUserRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    USER_FIELD_NUMBER: builtins.int
+    KILL_SESSIONS_FIELD_NUMBER: builtins.int
+    user: builtins.str
+    kill_sessions: builtins.bool
+    """also kill the user's processes"""
+    def __init__(
+        self,
+        *,
+        user: builtins.str = ...,
+        kill_sessions: builtins.bool = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["kill_sessions", b"kill_sessions", "user", b"user"]) -> None: ...
+
+Global___LockUserRequest: typing_extensions.TypeAlias = LockUserRequest
+
+@typing.final
+class UnlockUserRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    USER_FIELD_NUMBER: builtins.int
+    user: builtins.str
+    def __init__(
+        self,
+        *,
+        user: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["user", b"user"]) -> None: ...
+
+Global___UnlockUserRequest: typing_extensions.TypeAlias = UnlockUserRequest
+
+@typing.final
+class ContainRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    CASE_ID_FIELD_NUMBER: builtins.int
+    KILL_FIELD_NUMBER: builtins.int
+    QUARANTINE_FIELD_NUMBER: builtins.int
+    UNQUARANTINE_FIELD_NUMBER: builtins.int
+    BLOCK_FIELD_NUMBER: builtins.int
+    UNBLOCK_FIELD_NUMBER: builtins.int
+    LOCK_USER_FIELD_NUMBER: builtins.int
+    UNLOCK_USER_FIELD_NUMBER: builtins.int
+    host: builtins.str
+    reason: builtins.str
+    """required; goes into the audit log and the command"""
+    case_id: builtins.str
+    """link the command to this case ("" = none)"""
+    @property
+    def kill(self) -> Global___KillRequest: ...
+    @property
+    def quarantine(self) -> Global___QuarantineRequest: ...
+    @property
+    def unquarantine(self) -> Global___UnquarantineRequest: ...
+    @property
+    def block(self) -> Global___BlockRequest: ...
+    @property
+    def unblock(self) -> Global___UnblockRequest: ...
+    @property
+    def lock_user(self) -> Global___LockUserRequest: ...
+    @property
+    def unlock_user(self) -> Global___UnlockUserRequest: ...
+    def __init__(
+        self,
+        *,
+        host: builtins.str = ...,
+        reason: builtins.str = ...,
+        case_id: builtins.str = ...,
+        kill: Global___KillRequest | None = ...,
+        quarantine: Global___QuarantineRequest | None = ...,
+        unquarantine: Global___UnquarantineRequest | None = ...,
+        block: Global___BlockRequest | None = ...,
+        unblock: Global___UnblockRequest | None = ...,
+        lock_user: Global___LockUserRequest | None = ...,
+        unlock_user: Global___UnlockUserRequest | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["action", b"action", "block", b"block", "kill", b"kill", "lock_user", b"lock_user", "quarantine", b"quarantine", "unblock", b"unblock", "unlock_user", b"unlock_user", "unquarantine", b"unquarantine"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["action", b"action", "block", b"block", "case_id", b"case_id", "host", b"host", "kill", b"kill", "lock_user", b"lock_user", "quarantine", b"quarantine", "reason", b"reason", "unblock", b"unblock", "unlock_user", b"unlock_user", "unquarantine", b"unquarantine"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["action", b"action"]) -> typing.Literal["kill", "quarantine", "unquarantine", "block", "unblock", "lock_user", "unlock_user"] | None: ...
+
+Global___ContainRequest: typing_extensions.TypeAlias = ContainRequest
+
+@typing.final
+class CaseRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    OP_FIELD_NUMBER: builtins.int
+    CASE_ID_FIELD_NUMBER: builtins.int
+    TITLE_FIELD_NUMBER: builtins.int
+    SEVERITY_FIELD_NUMBER: builtins.int
+    HOSTS_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    LINK_KIND_FIELD_NUMBER: builtins.int
+    LINK_REF_FIELD_NUMBER: builtins.int
+    NOTE_FIELD_NUMBER: builtins.int
+    op: builtins.str
+    """"create" | "list" | "show" | "close" | "link" | "report" """
+    case_id: builtins.str
+    title: builtins.str
+    severity: builtins.str
+    """low | medium | high | critical"""
+    reason: builtins.str
+    link_kind: builtins.str
+    """"alert" | "host" | "command" | "bundle" | "file" | "note" """
+    link_ref: builtins.str
+    note: builtins.str
+    @property
+    def hosts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        op: builtins.str = ...,
+        case_id: builtins.str = ...,
+        title: builtins.str = ...,
+        severity: builtins.str = ...,
+        hosts: collections.abc.Iterable[builtins.str] | None = ...,
+        reason: builtins.str = ...,
+        link_kind: builtins.str = ...,
+        link_ref: builtins.str = ...,
+        note: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["case_id", b"case_id", "hosts", b"hosts", "link_kind", b"link_kind", "link_ref", b"link_ref", "note", b"note", "op", b"op", "reason", b"reason", "severity", b"severity", "title", b"title"]) -> None: ...
+
+Global___CaseRequest: typing_extensions.TypeAlias = CaseRequest
+
+@typing.final
+class CaseResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    JSON_FIELD_NUMBER: builtins.int
+    json: builtins.str
+    """the case (or list, or report data) as a JSON document"""
+    def __init__(
+        self,
+        *,
+        json: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["json", b"json"]) -> None: ...
+
+Global___CaseResponse: typing_extensions.TypeAlias = CaseResponse
+
+@typing.final
+class StoryRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: builtins.int
+    ALERT_ID_FIELD_NUMBER: builtins.int
+    SEQ_FIELD_NUMBER: builtins.int
+    WINDOW_S_FIELD_NUMBER: builtins.int
+    host: builtins.str
+    alert_id: builtins.str
+    """either an alert id ..."""
+    seq: builtins.int
+    """... or the seq of an event of the host"""
+    window_s: builtins.int
+    """how far back to look (0 = server default)"""
+    def __init__(
+        self,
+        *,
+        host: builtins.str = ...,
+        alert_id: builtins.str = ...,
+        seq: builtins.int = ...,
+        window_s: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["alert_id", b"alert_id", "host", b"host", "seq", b"seq", "window_s", b"window_s"]) -> None: ...
+
+Global___StoryRequest: typing_extensions.TypeAlias = StoryRequest
+
+@typing.final
+class StoryResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    JSON_FIELD_NUMBER: builtins.int
+    json: builtins.str
+    """the reconstructed story as a JSON document"""
+    def __init__(
+        self,
+        *,
+        json: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["json", b"json"]) -> None: ...
+
+Global___StoryResponse: typing_extensions.TypeAlias = StoryResponse

@@ -278,6 +278,21 @@ class AdminStub:
                 request_serializer=proto_dot_ringfence__pb2.HuntRequest.SerializeToString,
                 response_deserializer=proto_dot_ringfence__pb2.HuntResponse.FromString,
                 _registered_method=True)
+        self.Contain = channel.unary_unary(
+                '/ringfence.v1.Admin/Contain',
+                request_serializer=proto_dot_ringfence__pb2.ContainRequest.SerializeToString,
+                response_deserializer=proto_dot_ringfence__pb2.CommandStatus.FromString,
+                _registered_method=True)
+        self.Case = channel.unary_unary(
+                '/ringfence.v1.Admin/Case',
+                request_serializer=proto_dot_ringfence__pb2.CaseRequest.SerializeToString,
+                response_deserializer=proto_dot_ringfence__pb2.CaseResponse.FromString,
+                _registered_method=True)
+        self.Story = channel.unary_unary(
+                '/ringfence.v1.Admin/Story',
+                request_serializer=proto_dot_ringfence__pb2.StoryRequest.SerializeToString,
+                response_deserializer=proto_dot_ringfence__pb2.StoryResponse.FromString,
+                _registered_method=True)
         self.CreateConsoleLogin = channel.unary_unary(
                 '/ringfence.v1.Admin/CreateConsoleLogin',
                 request_serializer=proto_dot_ringfence__pb2.CreateConsoleLoginRequest.SerializeToString,
@@ -379,6 +394,28 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Contain(self, request, context):
+        """Targeted containment, one signed command per call: kill a process, quarantine a file (and
+        restore it), block indicators (and unblock), lock a local account (and unlock it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Case(self, request, context):
+        """Cases: create, list, show, close, link, report; answers are JSON documents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Story(self, request, context):
+        """Root cause: the ancestry, files, flows and DNS that led to an alert or an event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateConsoleLogin(self, request, context):
         """Mint a one-time web console login URL bound to the caller's responder identity.
         """
@@ -458,6 +495,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Hunt,
                     request_deserializer=proto_dot_ringfence__pb2.HuntRequest.FromString,
                     response_serializer=proto_dot_ringfence__pb2.HuntResponse.SerializeToString,
+            ),
+            'Contain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Contain,
+                    request_deserializer=proto_dot_ringfence__pb2.ContainRequest.FromString,
+                    response_serializer=proto_dot_ringfence__pb2.CommandStatus.SerializeToString,
+            ),
+            'Case': grpc.unary_unary_rpc_method_handler(
+                    servicer.Case,
+                    request_deserializer=proto_dot_ringfence__pb2.CaseRequest.FromString,
+                    response_serializer=proto_dot_ringfence__pb2.CaseResponse.SerializeToString,
+            ),
+            'Story': grpc.unary_unary_rpc_method_handler(
+                    servicer.Story,
+                    request_deserializer=proto_dot_ringfence__pb2.StoryRequest.FromString,
+                    response_serializer=proto_dot_ringfence__pb2.StoryResponse.SerializeToString,
             ),
             'CreateConsoleLogin': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateConsoleLogin,
@@ -847,6 +899,87 @@ class Admin:
             '/ringfence.v1.Admin/Hunt',
             proto_dot_ringfence__pb2.HuntRequest.SerializeToString,
             proto_dot_ringfence__pb2.HuntResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Contain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ringfence.v1.Admin/Contain',
+            proto_dot_ringfence__pb2.ContainRequest.SerializeToString,
+            proto_dot_ringfence__pb2.CommandStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Case(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ringfence.v1.Admin/Case',
+            proto_dot_ringfence__pb2.CaseRequest.SerializeToString,
+            proto_dot_ringfence__pb2.CaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Story(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ringfence.v1.Admin/Story',
+            proto_dot_ringfence__pb2.StoryRequest.SerializeToString,
+            proto_dot_ringfence__pb2.StoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -396,6 +396,54 @@ _AdminHuntType = typing_extensions.TypeVar(
     ],
 )
 
+_AdminContainType = typing_extensions.TypeVar(
+    '_AdminContainType',
+    grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.ContainRequest,
+        proto.ringfence_pb2.CommandStatus,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.ContainRequest,
+        proto.ringfence_pb2.CommandStatus,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.ContainRequest,
+        proto.ringfence_pb2.CommandStatus,
+    ],
+)
+
+_AdminCaseType = typing_extensions.TypeVar(
+    '_AdminCaseType',
+    grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.CaseRequest,
+        proto.ringfence_pb2.CaseResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.CaseRequest,
+        proto.ringfence_pb2.CaseResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.CaseRequest,
+        proto.ringfence_pb2.CaseResponse,
+    ],
+)
+
+_AdminStoryType = typing_extensions.TypeVar(
+    '_AdminStoryType',
+    grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.StoryRequest,
+        proto.ringfence_pb2.StoryResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.StoryRequest,
+        proto.ringfence_pb2.StoryResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.StoryRequest,
+        proto.ringfence_pb2.StoryResponse,
+    ],
+)
+
 _AdminCreateConsoleLoginType = typing_extensions.TypeVar(
     '_AdminCreateConsoleLoginType',
     grpc.UnaryUnaryMultiCallable[
@@ -412,7 +460,7 @@ _AdminCreateConsoleLoginType = typing_extensions.TypeVar(
     ],
 )
 
-class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _AdminListIntegrityAlertsType, _AdminIsolateType, _AdminReleaseType, _AdminCollectType, _AdminTriageType, _AdminGetCommandType, _AdminCreateBundleType, _AdminListAuditType, _AdminRevokeAgentType, _AdminListAlertsType, _AdminUpdateAlertType, _AdminHuntType, _AdminCreateConsoleLoginType]):
+class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _AdminListIntegrityAlertsType, _AdminIsolateType, _AdminReleaseType, _AdminCollectType, _AdminTriageType, _AdminGetCommandType, _AdminCreateBundleType, _AdminListAuditType, _AdminRevokeAgentType, _AdminListAlertsType, _AdminUpdateAlertType, _AdminHuntType, _AdminContainType, _AdminCaseType, _AdminStoryType, _AdminCreateConsoleLoginType]):
     """---------------------------------------------------------------------------------------------
     Admin API (mutual TLS, responder certificates; role checked on every call)
     ---------------------------------------------------------------------------------------------
@@ -475,6 +523,18 @@ class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _Admi
         grpc.UnaryUnaryMultiCallable[
             proto.ringfence_pb2.HuntRequest,
             proto.ringfence_pb2.HuntResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.ContainRequest,
+            proto.ringfence_pb2.CommandStatus,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.CaseRequest,
+            proto.ringfence_pb2.CaseResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.StoryRequest,
+            proto.ringfence_pb2.StoryResponse,
         ],
         grpc.UnaryUnaryMultiCallable[
             proto.ringfence_pb2.CreateConsoleLoginRequest,
@@ -541,6 +601,18 @@ class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _Admi
             proto.ringfence_pb2.HuntResponse,
         ],
         grpc.aio.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.ContainRequest,
+            proto.ringfence_pb2.CommandStatus,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.CaseRequest,
+            proto.ringfence_pb2.CaseResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            proto.ringfence_pb2.StoryRequest,
+            proto.ringfence_pb2.StoryResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
             proto.ringfence_pb2.CreateConsoleLoginRequest,
             proto.ringfence_pb2.ConsoleLogin,
         ],
@@ -577,6 +649,17 @@ class AdminStub(typing.Generic[_AdminListHostsType, _AdminQueryEventsType, _Admi
     UpdateAlert: _AdminUpdateAlertType
 
     Hunt: _AdminHuntType
+
+    Contain: _AdminContainType
+    """Targeted containment, one signed command per call: kill a process, quarantine a file (and
+    restore it), block indicators (and unblock), lock a local account (and unlock it).
+    """
+
+    Case: _AdminCaseType
+    """Cases: create, list, show, close, link, report; answers are JSON documents."""
+
+    Story: _AdminStoryType
+    """Root cause: the ancestry, files, flows and DNS that led to an alert or an event."""
 
     CreateConsoleLogin: _AdminCreateConsoleLoginType
     """Mint a one-time web console login URL bound to the caller's responder identity."""
@@ -637,6 +720,18 @@ AdminAsyncStub: typing_extensions.TypeAlias = AdminStub[
     grpc.aio.UnaryUnaryMultiCallable[
         proto.ringfence_pb2.HuntRequest,
         proto.ringfence_pb2.HuntResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.ContainRequest,
+        proto.ringfence_pb2.CommandStatus,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.CaseRequest,
+        proto.ringfence_pb2.CaseResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        proto.ringfence_pb2.StoryRequest,
+        proto.ringfence_pb2.StoryResponse,
     ],
     grpc.aio.UnaryUnaryMultiCallable[
         proto.ringfence_pb2.CreateConsoleLoginRequest,
@@ -751,6 +846,32 @@ class AdminServicer(metaclass=abc.ABCMeta):
         request: proto.ringfence_pb2.HuntRequest,
         context: _ServicerContext,
     ) -> typing.Union[proto.ringfence_pb2.HuntResponse, collections.abc.Awaitable[proto.ringfence_pb2.HuntResponse]]: ...
+
+    @abc.abstractmethod
+    def Contain(
+        self,
+        request: proto.ringfence_pb2.ContainRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[proto.ringfence_pb2.CommandStatus, collections.abc.Awaitable[proto.ringfence_pb2.CommandStatus]]:
+        """Targeted containment, one signed command per call: kill a process, quarantine a file (and
+        restore it), block indicators (and unblock), lock a local account (and unlock it).
+        """
+
+    @abc.abstractmethod
+    def Case(
+        self,
+        request: proto.ringfence_pb2.CaseRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[proto.ringfence_pb2.CaseResponse, collections.abc.Awaitable[proto.ringfence_pb2.CaseResponse]]:
+        """Cases: create, list, show, close, link, report; answers are JSON documents."""
+
+    @abc.abstractmethod
+    def Story(
+        self,
+        request: proto.ringfence_pb2.StoryRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[proto.ringfence_pb2.StoryResponse, collections.abc.Awaitable[proto.ringfence_pb2.StoryResponse]]:
+        """Root cause: the ancestry, files, flows and DNS that led to an alert or an event."""
 
     @abc.abstractmethod
     def CreateConsoleLogin(

@@ -59,6 +59,17 @@ REQUIRED_ROLE = {
     "hunt": "responder",
     "list_audit": "admin",
     "revoke_agent": "admin",
+    # Incident workflow: targeted containment (server.containment), cases, root cause.
+    "kill": "responder",
+    "quarantine": "responder",
+    "unquarantine": "responder",
+    "block": "responder",
+    "unblock": "responder",
+    "lock_user": "responder",
+    "unlock_user": "responder",
+    "case_view": "viewer",
+    "case_edit": "responder",
+    "story": "viewer",
 }
 MAX_REASON = 1024
 MAX_QUERY_LIMIT = 100_000
@@ -234,6 +245,15 @@ class Admin:
         self.audit(actor, action, agent.agent_id, reason,
                    f"allowed: issued command {row.command_id}")
         return row
+
+    def issue_command(self, actor: Actor, action: str, host: str, reason: str,
+                      params: dict[str, object], expires_s: int = 3600) -> CommandRow:
+        """Issue a signed command: reason required, role checked, audited like every command."""
+        return self._command(actor, action, host, reason, params, expires_s)
+
+    @property
+    def collector_endpoints(self) -> list[tuple[str, int]]:
+        return list(self._collector_endpoints)
 
     def isolate(self, actor: Actor, host: str, reason: str, allow: list[AllowSpec],
                 dns: list[str], dhcp: bool, confirm_deadline_s: int,

@@ -29,6 +29,7 @@ from server.console.auth import ConsoleAuth
 from server.console.web import ConsoleApp, ConsoleServer
 from server.control import BlobStore, ControlPlane
 from server.fleet import Enrollment, load_config
+from server.incident import build_incident
 from server.metrics import MeteredControlPlane, ServerMetrics
 from server.pki import CertificateAuthority, ServerPaths
 from server.rpc import AdminService, EnrollmentService
@@ -117,7 +118,8 @@ def start(config: RunConfig) -> RunningServer:
                                      ports["collector"])), enroll_server)
     pb_grpc.add_CollectorServicer_to_server(CollectorService(store, control, registry),
                                             collector_server)
-    bundles = BundleService(store, admin, paths, signing_key)
+    incident = build_incident(admin, store, paths)
+    bundles = BundleService(store, admin, paths, signing_key, incident.cases)
     console: ConsoleServer | None = None
     issuer: LoginIssuer | None = None
     if config.console:
@@ -127,7 +129,8 @@ def start(config: RunConfig) -> RunningServer:
         ports["console"] = console.port
         issuer = LoginIssuer(admin, console_auth, config.console_url or
                              f"http://{host}:{console.port}")
-    pb_grpc.add_AdminServicer_to_server(AdminService(admin, store, bundles.stream, issuer),
+    pb_grpc.add_AdminServicer_to_server(AdminService.with_incident(incident, admin, store,
+                                                                   bundles.stream, issuer),
                                         admin_server)
     for s in (enroll_server, collector_server, admin_server):
         s.start()

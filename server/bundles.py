@@ -7,11 +7,13 @@ audit entry, and keeps a copy under DATA/blobs/bundles. The format itself is evi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -31,9 +33,19 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
 
 
+class CaseLinks(Protocol):
+    """The cases a bundle belongs to (server.cases.CaseService)."""
+
+    def require_case(self, case_id: str) -> None: ...
+
+    def bundle_created(self, actor: Actor, case_id: str, bundle_id: str, sha256: str,
+                       agent_id: str, events: int) -> None: ...
+
+
 class BundleService:
     def __init__(self, store: Store, admin: Admin, paths: ServerPaths,
-                 signing_key: Ed25519PrivateKey) -> None:
+                 signing_key: Ed25519PrivateKey, cases: CaseLinks | None = None) -> None:
+        self._cases = cases
         self._store = store
         self._admin = admin
         self._dir = paths.blobs / "bundles"
@@ -46,6 +58,9 @@ class BundleService:
         if not request.case_id:
             raise InvalidRequest("a bundle needs --case ID: custody names the case")
         self._admin.authorize(actor, "create_bundle", request.host, reason)
+        if self._cases is not None:
+            # Once cases are in use, a bundle must name an existing, open one.
+            self._cases.require_case(request.case_id)
         agent = self._admin.find_host(request.host)
         agent_id = agent.agent_id
         window = list(self._store.query_events(agent_id, request.since_ns, request.until_ns,
@@ -108,6 +123,10 @@ class BundleService:
         self._admin.audit(actor, "create_bundle", agent_id, reason,
                           f"allowed: bundle {bundle_id}, {built.event_count} events, "
                           f"seq {built.first_seq}..{built.end_seq}")
+        if self._cases is not None:
+            sha256 = hashlib.sha256(out.read_bytes()).hexdigest()
+            self._cases.bundle_created(actor, request.case_id, bundle_id, sha256, agent_id,
+                                       built.event_count)
         if built.end_seq < last_in_range:
             logger.warning("bundle %s stops at seq %d: later events are not yet covered by a "
                            "checkpoint", bundle_id, built.end_seq)

@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until")
     p.add_argument("--kind", choices=["process", "file", "network", "dns", "lifecycle",
                                       "isolation", "gap", "sensor_loss", "acquisition",
-                                      "command", "triage"])
+                                      "command", "triage", "response"])
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--format", default="text", choices=["text", "jsonl", "ocsf", "timesketch"])
@@ -676,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection(p)
     p.set_defaults(func=lambda a: cmd_audit(argparse.Namespace(**{**vars(a),
                                                                  "verify": a.action == "verify"})))
+    # Imported here: server.cli_incident builds on this module's helpers.
+    from server.cli_incident import register as register_incident
+    register_incident(sub)
     register_packaging_commands(sub)
     return parser
 

@@ -8,10 +8,11 @@ server.fleet.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -22,6 +23,7 @@ from proto import ringfence_pb2 as pb
 from proto import ringfence_pb2_grpc as pb_grpc
 from proto.limits import UNARY_DEADLINE_S, client_options
 from server.admin import Actor, Admin, AdminError, AllowSpec, InvalidRequest, PermissionDenied
+from server.incident import Incident, to_json
 from server.detection import DetectionError, DetectionStoreError
 from server.detection.records import Alert
 from server.detection.service import DetectionAdmin
@@ -263,6 +265,37 @@ class AdminService(pb_grpc.AdminServicer):
                 event=event.SerializeToString(deterministic=True))
                 for m, event in result.matches])
 
+    # -- incident workflow (server.incident) ---------------------------------------------------
+    _incident: Incident | None = None
+
+    @classmethod
+    def with_incident(cls, incident: Incident, *args: Any) -> AdminService:
+        """The service with the incident workflow's Contain / Case / Story calls enabled."""
+        service = cls(*args)
+        service._incident = incident
+        return service
+
+    def _incident_or_abort(self, context: grpc.ServicerContext) -> Incident:
+        if self._incident is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "the incident workflow is not enabled")
+        assert self._incident is not None
+        return self._incident
+
+    def Contain(self, request: pb.ContainRequest,
+                context: grpc.ServicerContext) -> pb.CommandStatus:
+        incident = self._incident_or_abort(context)
+        return command_status(self._call(context, lambda a: incident.contain(a, request)))
+
+    def Case(self, request: pb.CaseRequest, context: grpc.ServicerContext) -> pb.CaseResponse:
+        incident = self._incident_or_abort(context)
+        return pb.CaseResponse(json=to_json(self._call(
+            context, lambda a: incident.case(a, request))))
+
+    def Story(self, request: pb.StoryRequest, context: grpc.ServicerContext) -> pb.StoryResponse:
+        incident = self._incident_or_abort(context)
+        return pb.StoryResponse(json=to_json(self._call(
+            context, lambda a: incident.story_of(a, request))))
+
 
 # -- client side (CLI) --------------------------------------------------------------------------
 
@@ -354,6 +387,17 @@ class AdminClient:
 
     def revoke_agent(self, host: str, reason: str) -> pb.RevokeAgentResponse:
         return self._unary(self._stub.RevokeAgent, pb.RevokeAgentRequest(host=host, reason=reason))
+
+    def contain(self, request: pb.ContainRequest) -> pb.CommandStatus:
+        return self._unary(self._stub.Contain, request)
+
+    def case(self, request: pb.CaseRequest) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(self._unary(self._stub.Case, request).json)
+        return document
+
+    def story(self, request: pb.StoryRequest) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(self._unary(self._stub.Story, request).json)
+        return document
 
     def list_alerts(self, request: pb.ListAlertsRequest) -> pb.ListAlertsResponse:
         return self._unary(self._stub.ListAlerts, request)
