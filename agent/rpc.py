@@ -8,7 +8,7 @@ agent.session.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,29 +71,48 @@ def enroll(endpoint: Endpoint, ca_pem: bytes, request: pb.EnrollRequest) -> pb.E
 
 
 class SessionTransport:
-    """A mutual-TLS channel to the collector that can open Session streams."""
+    """A mutual-TLS channel to the collector that can open Session streams.
 
-    def __init__(self, endpoint: Endpoint, ca_pem: bytes, key_pem: bytes, cert_pem: bytes) -> None:
+    Given several endpoints (collector nodes of a cluster) it stays on one while it works and
+    moves to the next, round robin, after a stream or connection attempt fails, so an agent
+    whose node died resumes on another node at its next reconnect.
+    """
+
+    def __init__(self, endpoint: Endpoint | Sequence[Endpoint], ca_pem: bytes, key_pem: bytes,
+                 cert_pem: bytes) -> None:
         self._credentials = grpc.ssl_channel_credentials(
             root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
-        self._endpoint = endpoint
+        self._endpoints = [endpoint] if isinstance(endpoint, Endpoint) else list(endpoint)
+        if not self._endpoints:
+            raise ValueError("a session transport needs at least one collector endpoint")
+        self._index = 0
+        self._failed = False
         self._channel: grpc.Channel | None = None
         self._call: Any = None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The endpoint the current (or next) stream uses."""
+        return self._endpoints[self._index]
 
     def open(self, outbound: Iterator[pb.AgentMessage]) -> Iterator[pb.ServerMessage]:
         """Start a Session; iterate the result for server messages (raises TransportError)."""
         self.close()
-        self._channel = _channel(self._endpoint, self._credentials)
+        if self._failed and len(self._endpoints) > 1:
+            self._index = (self._index + 1) % len(self._endpoints)
+            logger.info("trying the next collector: %s", self.endpoint.target)
+        self._failed = False
+        self._channel = _channel(self.endpoint, self._credentials)
         stub = pb_grpc.CollectorStub(self._channel)
         call = stub.Session(outbound, wait_for_ready=False)
         self._call = call
         return self._iterate(call)
 
-    @staticmethod
-    def _iterate(call: Any) -> Iterator[pb.ServerMessage]:
+    def _iterate(self, call: Any) -> Iterator[pb.ServerMessage]:
         try:
             yield from call
         except grpc.RpcError as e:
+            self._failed = True
             raise _translate(e) from e
 
     def cancel(self) -> None:

@@ -66,8 +66,7 @@ class Agent:
         self.spool = Spool(paths.spool, config.spool)
         self.chain = EvidenceChain(self.agent_id, key, self.spool, config.chain)
         transport = SessionTransport(
-            Endpoint(enrollment.collector_target,
-                     enrollment.tls_name),
+            [Endpoint(target, enrollment.tls_name) for target in enrollment.collector_targets],
             paths.ca.read_bytes(), paths.tls_key.read_bytes(), paths.certificate.read_bytes())
         self._applied_at = float("inf")
         self.backend = self._backend()

@@ -89,6 +89,9 @@ class Enrollment:
     collector_port: int
     tls_name: str              # name the server certificate must carry
     command_public_key: str    # hex of the raw Ed25519 key that signs commands (pinned)
+    # Collector nodes (HOST:PORT) to try in order, rotating on failure; empty = the enrolled
+    # one. Lets an agent move to another node of a cluster when its node dies.
+    collectors: tuple[str, ...] = ()
 
     @property
     def collector_target(self) -> str:
@@ -97,6 +100,11 @@ class Enrollment:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"{host}:{self.collector_port}"
+
+    @property
+    def collector_targets(self) -> tuple[str, ...]:
+        """Every collector to try, in order."""
+        return self.collectors or (self.collector_target,)
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True, indent=2).encode()
@@ -111,5 +119,8 @@ class Enrollment:
                              "CA.pem` first") from e
         except (OSError, ValueError) as e:
             raise StateError(f"{paths.enrollment} is unreadable: {e}") from e
+        collectors = raw.get("collectors", [])
+        if not isinstance(collectors, list) or not all(isinstance(c, str) for c in collectors):
+            raise StateError(f"{paths.enrollment}: collectors must be a list of HOST:PORT")
         return cls(str(raw["agent_id"]), str(raw["server_host"]), int(raw["collector_port"]),
-                   str(raw["tls_name"]), str(raw["command_public_key"]))
+                   str(raw["tls_name"]), str(raw["command_public_key"]), tuple(collectors))

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import grpc
 
-from collector.rpc import CollectorService, SessionRegistry
-from collector.store.sqlite import SQLiteStore
+from collector.rpc import CollectorService
+from collector.store.base import Store
 from evidence.keys import load_private_key, public_key_bytes
 from proto import ringfence_pb2_grpc as pb_grpc
 from proto.limits import server_options
 from server.admin import Admin
 from server.bundles import BundleService
+from server.cluster import ClusterNode, ClusterSessions, new_node_id
 from server.commands import CommandQueue
 from server.console import LoginIssuer
 from server.console.auth import ConsoleAuth
@@ -33,6 +34,7 @@ from server.incident import build_incident
 from server.metrics import MeteredControlPlane, ServerMetrics
 from server.pki import CertificateAuthority, ServerPaths
 from server.rpc import AdminService, EnrollmentService
+from server.storage import open_server_store
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class RunConfig:
     enroll: str = "0.0.0.0:8442"          # enrollment (TLS, server-authenticated only)
     advertise: tuple[str, ...] = ()       # collector addresses for isolation policies
     max_sessions: int = 1000
+    store: str = ""                       # PostgreSQL URL; "" = as recorded in the data dir
     console: str | None = None            # web console + /metrics HOST:PORT; None = off
     console_url: str = ""                 # base URL in login links (default http://HOST:PORT)
 
@@ -57,7 +60,7 @@ class RunningServer:
 
     ports: dict[str, int]
     servers: tuple[grpc.Server, ...]
-    store: SQLiteStore
+    store: Store
     stopped: threading.Event
     console: ConsoleServer | None = None
     metrics: ServerMetrics | None = None
@@ -84,9 +87,12 @@ def start(config: RunConfig) -> RunningServer:
     fleet = load_config(paths)
     ca = CertificateAuthority.load(paths)
     signing_key = load_private_key(paths.signing_key)
-    store = SQLiteStore(paths.database)
-    registry = SessionRegistry()
+    store = open_server_store(paths, config.store)
+    registry = ClusterSessions(store, new_node_id())
     commands = CommandQueue(store, registry, signing_key)
+    # Set by RunningServer.stop(); ends the node's heartbeat and notification threads.
+    stopped = threading.Event()
+    node = ClusterNode(store, registry, commands, stopped)
     console_auth = ConsoleAuth()
     metrics = ServerMetrics(store, registry, console_auth.counts)
     control = MeteredControlPlane(ControlPlane(store, registry, commands, BlobStore(paths.blobs)),
@@ -116,8 +122,8 @@ def start(config: RunConfig) -> RunningServer:
     pb_grpc.add_EnrollmentServicer_to_server(
         EnrollmentService(Enrollment(store, ca, public_key_bytes(signing_key.public_key()),
                                      ports["collector"])), enroll_server)
-    pb_grpc.add_CollectorServicer_to_server(CollectorService(store, control, registry),
-                                            collector_server)
+    pb_grpc.add_CollectorServicer_to_server(
+        CollectorService(store, node.control_plane(control), registry), collector_server)
     incident = build_incident(admin, store, paths)
     bundles = BundleService(store, admin, paths, signing_key, incident.cases)
     console: ConsoleServer | None = None
@@ -134,6 +140,7 @@ def start(config: RunConfig) -> RunningServer:
                                         admin_server)
     for s in (enroll_server, collector_server, admin_server):
         s.start()
+    node.start()
     if console is not None:
         console.start()
     run_dir = config.data_dir / "run"
@@ -145,4 +152,4 @@ def start(config: RunConfig) -> RunningServer:
     logger.info("ringfence server listening: enroll %s, collector %s, admin %s, console %s",
                 ports["enroll"], ports["collector"], ports["admin"], ports.get("console", "off"))
     return RunningServer(ports, (enroll_server, collector_server, admin_server), store,
-                         threading.Event(), console, metrics)
+                         stopped, console, metrics)

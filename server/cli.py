@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from collector.store.base import NotFound
-from collector.store.sqlite import SQLiteStore, token_digest
+from collector.store.base import NotFound, Store, StoreError
+from collector.store.sqlite import token_digest
 from evidence.bundle import TrustSet, report_to_dicts, verify_bundle
 from evidence.errors import BundleVerificationError, EvidenceError
 from evidence.keys import load_public_key, public_key_from_bytes
@@ -33,6 +33,8 @@ from server.fleet import TOKEN_ID_HEX, token_id
 from server.fleet import parse_duration
 from server.pki import CertificateAuthority, Identity, PKIError, ServerPaths
 from server.rpc import AdminClient, ClientError, ServerAddress
+from server import cli_scale
+from server.storage import StorageConfigError, open_server_store
 from server.cli_packaging import register as register_packaging_commands
 
 logger = logging.getLogger("ringfence")
@@ -95,6 +97,7 @@ def cmd_server_run(args: argparse.Namespace) -> int:
     config = RunConfig(
         data_dir=data_dir, listen=args.listen or f"0.0.0.0:{fleet.collector_port}",
         admin=args.admin, enroll=args.enroll or f"0.0.0.0:{fleet.enroll_port}",
+        store=args.store or "",
         advertise=tuple(args.advertise or ()), console=_console_address(args),
         console_url=args.console_url or "")
     running = start(config)
@@ -141,10 +144,10 @@ def cmd_console_login(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_store(args: argparse.Namespace) -> SQLiteStore:
+def _open_store(args: argparse.Namespace) -> Store:
     paths = ServerPaths(Path(args.data_dir))
     load_config(paths)  # fails clearly when the directory is not initialized
-    return SQLiteStore(paths.database)
+    return open_server_store(paths)
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
@@ -422,7 +425,7 @@ def _trust_from(args: argparse.Namespace, path: Path) -> TrustSet:
     if args.data_dir:
         paths = ServerPaths(Path(args.data_dir))
         server_keys.append(load_public_key(paths.signing_public))
-        store = SQLiteStore(paths.database)
+        store = open_server_store(paths)
         try:
             agent_keys.extend(public_key_from_bytes(a.identity_key) for a in store.list_agents())
         finally:
@@ -541,7 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "host, port 8445), or 'off'")
     p.add_argument("--console-url", help="base URL printed in console login links, when the "
                                          "console sits behind a proxy")
+    p.add_argument("--store", help="postgresql://... URL of a shared store (default: the one "
+                   "recorded by `server migrate`, else DATA/ringfence.db)")
     p.set_defaults(func=cmd_server_run)
+    cli_scale.register(sub, server)
 
     console = sub.add_parser("console", help="the web console").add_subparsers(
         dest="console_command", required=True)
@@ -691,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (CLIError, ClientError, FleetError, PKIError, InvalidRequest, EvidenceError,
-            ValueError) as e:
+            StoreError, StorageConfigError, ValueError) as e:
         print(f"ringfence: {e}", file=sys.stderr)
         return EXIT_FAIL
     except FileNotFoundError as e:

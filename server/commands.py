@@ -19,13 +19,16 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from collector.rpc import SessionRegistry
-from collector.store.base import CommandRow, Store
+from collector.store.base import CommandRow, Conflict, Store
 from evidence.dsse import COMMAND_TYPE, sign_envelope
 
 logger = logging.getLogger(__name__)
 
 COMMAND_FORMAT = "ringfence.command.v1"
 DEFAULT_EXPIRY_S = 3600
+# Another collector node may take the same per-agent seq at the same moment (the store's unique
+# constraint says so with Conflict); re-sign with the next seq this many times at most.
+ISSUE_ATTEMPTS = 20
 FINAL_STATUSES = frozenset({"succeeded", "failed", "rejected", "expired"})
 
 
@@ -47,23 +50,35 @@ class CommandQueue:
         self._registry = registry
         self._key = key
         self._changed = threading.Condition()
-        # Sequence numbers are per agent and must never repeat, even under concurrent issue.
+        # Sequence numbers are per agent and must never repeat, even under concurrent issue:
+        # this lock orders issuers in this process, the store's constraint those of all nodes.
         self._issue_lock = threading.Lock()
+        # deliver() runs from issue() and from cross-node notifications; one at a time, so a
+        # pending command is sent once.
+        self._deliver_lock = threading.Lock()
 
     def issue(self, agent_id: str, action: str, params: Mapping[str, Any], actor: str,
               reason: str, expires_s: int = DEFAULT_EXPIRY_S) -> CommandRow:
         now = time.time_ns()
         with self._issue_lock:
-            seq = self._store.next_command_seq(agent_id)
-            command_id = secrets.token_hex(16)
-            expires_ns = now + expires_s * 1_000_000_000
-            envelope = sign_envelope(
-                COMMAND_TYPE,
-                command_payload(command_id, agent_id, seq, action, params, now, expires_ns),
-                self._key)
-            row = CommandRow(command_id, agent_id, seq, action, envelope, "pending", "", "{}",
-                             now, expires_ns, now, actor, reason)
-            self._store.add_command(row)
+            for attempt in range(ISSUE_ATTEMPTS):
+                seq = self._store.next_command_seq(agent_id)
+                command_id = secrets.token_hex(16)
+                expires_ns = now + expires_s * 1_000_000_000
+                envelope = sign_envelope(
+                    COMMAND_TYPE,
+                    command_payload(command_id, agent_id, seq, action, params, now, expires_ns),
+                    self._key)
+                row = CommandRow(command_id, agent_id, seq, action, envelope, "pending", "",
+                                 "{}", now, expires_ns, now, actor, reason)
+                try:
+                    self._store.add_command(row)
+                    break
+                except Conflict:
+                    if attempt == ISSUE_ATTEMPTS - 1:
+                        raise
+                    logger.info("command seq %d of agent %s was taken by another node; "
+                                "re-signing with the next", seq, agent_id)
         logger.info("command %s (%s) issued for agent %s by %s", command_id, action, agent_id,
                     actor)
         self.deliver(agent_id)
@@ -74,9 +89,11 @@ class CommandQueue:
         session = self._registry.get(agent_id)
         if session is None:
             return
-        for row in self._store.open_commands(agent_id, time.time_ns()):
-            if row.status == "pending" and session.send_command(row.envelope):
-                self.update(row.command_id, "sent", "delivered to the agent", row.detail_json)
+        with self._deliver_lock:
+            for row in self._store.open_commands(agent_id, time.time_ns()):
+                if row.status == "pending" and session.send_command(row.envelope):
+                    self.update(row.command_id, "sent", "delivered to the agent",
+                                row.detail_json)
 
     def redeliver(self, agent_id: str) -> None:
         """On reconnect: re-send commands the agent has not answered (it drops duplicates)."""

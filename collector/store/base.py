@@ -299,6 +299,10 @@ class Store(abc.ABC):
     def responder_by_fingerprint(self, fingerprint: str) -> ResponderRow | None: ...
 
     @abc.abstractmethod
+    def responders(self) -> list[ResponderRow]:
+        """Every responder identity, by name."""
+
+    @abc.abstractmethod
     def append_audit(self, time_ns: int, actor: str, role: str, action: str, target: str,
                      reason: str, outcome: str) -> AuditRow: ...
 

@@ -207,8 +207,8 @@ class PostgreSQLStore(Store):
         self.dsn = dsn
         self.url = redact(dsn)
         self._pool = _Pool(dsn, pool_size)
-        if migrate:
-            self.migrate()
+        # Versions this constructor applied (with migrate=True), for the caller to report.
+        self.applied: list[int] = self.migrate() if migrate else []
         version = self.schema_version()
         if version < LATEST_VERSION:
             self._pool.close()
@@ -599,6 +599,11 @@ class PostgreSQLStore(Store):
             return None
         r = rows[0]
         return ResponderRow(r[0], r[1], r[2], r[3], bool(r[4]))
+
+    def responders(self) -> list[ResponderRow]:
+        return [ResponderRow(r[0], r[1], r[2], r[3], bool(r[4])) for r in self._query(
+            "SELECT name, role, cert_fingerprint, created_ns, revoked FROM responders "
+            "ORDER BY name COLLATE \"C\"")]
 
     def append_audit(self, time_ns: int, actor: str, role: str, action: str, target: str,
                      reason: str, outcome: str) -> AuditRow:

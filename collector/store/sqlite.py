@@ -443,6 +443,11 @@ class SQLiteStore(Store):
         r = rows[0]
         return ResponderRow(r[0], r[1], r[2], r[3], bool(r[4]))
 
+    def responders(self) -> list[ResponderRow]:
+        return [ResponderRow(r[0], r[1], r[2], r[3], bool(r[4])) for r in self._query(
+            "SELECT name, role, cert_fingerprint, created_ns, revoked FROM responders "
+            "ORDER BY name")]
+
     def append_audit(self, time_ns: int, actor: str, role: str, action: str, target: str,
                      reason: str, outcome: str) -> AuditRow:
         with self._tx() as db:

@@ -373,6 +373,7 @@ def test_responders(store: Store) -> None:
     bob = store.responder_by_fingerprint("2" * 64)
     assert bob is not None and bob.revoked
     assert store.responder_by_fingerprint("3" * 64) is None
+    assert [r.name for r in store.responders()] == ["alice", "bob"]
     with pytest.raises(StoreUnavailable):
         store.add_responder(ResponderRow("carol", "admin", "1" * 64, T0))
 
