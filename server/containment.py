@@ -67,8 +67,10 @@ class Containment:
     def __init__(self, admin: Admin, store: Store,
                  link: Callable[[Actor, str, str, str, dict[str, Any]], object] | None = None,
                  require_case: Callable[[str], None] | None = None,
-                 resolver: Callable[[str], list[str]] = resolve) -> None:
+                 resolver: Callable[[str], list[str]] = resolve,
+                 on_action: Callable[[Actor, CommandRow, str], None] | None = None) -> None:
         self._admin = admin
+        self._on_action = on_action
         self._resolve = resolver
         self._store = store
         self._link = link
@@ -83,6 +85,8 @@ class Containment:
         if case_id and self._link is not None:
             self._link(actor, case_id, "command", row.command_id,
                        {"action": action, "agent_id": row.agent_id, "reason": reason})
+        if self._on_action is not None:
+            self._on_action(actor, row, case_id)
         return row
 
     def kill(self, actor: Actor, host: str, reason: str, spec: KillSpec,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import tomllib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from collector.store.base import CommandRow, Store
@@ -18,6 +20,8 @@ from server.admin import Actor, Admin, InvalidRequest
 from server.alerting import AlertHub
 from server.cases import CaseService, SQLiteCaseStore
 from server.containment import Containment, KillSpec
+from server.notify import Notification, Notifier, NotifyConfig
+from server.playbooks import PlaybookConfig, PlaybookEngine
 from server.pki import ServerPaths
 from server.report import report_data
 from server.story import Story
@@ -33,6 +37,12 @@ class Incident:
     admin: Admin
     store: Store
     alerts: AlertHub
+    notifier: Notifier
+    playbooks: PlaybookEngine
+
+    def stop(self) -> None:
+        self.playbooks.stop()
+        self.notifier.stop()
 
     def contain(self, actor: Actor, request: pb.ContainRequest) -> CommandRow:
         c, host, reason, case = self.containment, request.host, request.reason, request.case_id
@@ -100,10 +110,57 @@ def to_json(document: dict[str, Any]) -> str:
     return json.dumps(document, sort_keys=True, default=str)
 
 
+RESPONSE_CONFIG = "response.toml"
+
+
+class ResponseConfigError(ValueError):
+    """DATA/response.toml is unreadable or invalid; the message says which part."""
+
+
+def load_response_config(path: Path) -> tuple[NotifyConfig, PlaybookConfig]:
+    """[notify] and [playbooks] of DATA/response.toml; both empty when the file is absent
+    (notifications and automatic response are opt-in)."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return NotifyConfig(), PlaybookConfig()
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ResponseConfigError(f"cannot read {path}: {e}") from e
+    unknown = set(raw) - {"notify", "playbooks"}
+    if unknown:
+        raise ResponseConfigError(f"{path}: unknown sections {sorted(unknown)}; known: notify, "
+                                  "playbooks")
+    return (NotifyConfig.from_dict(raw.get("notify", {})),
+            PlaybookConfig.from_dict(raw.get("playbooks", {})))
+
+
 def build_incident(admin: Admin, store: Store, paths: ServerPaths) -> Incident:
     """The incident workflow of one server: cases in DATA/cases.db, containment linked to
-    cases, stories that can look alerts up through the alert hub."""
+    cases, notifications and playbooks from DATA/response.toml, all fed by one alert hub."""
+    notify_config, playbook_config = load_response_config(paths.root / RESPONSE_CONFIG)
+    notifier = Notifier(notify_config)
     alerts = AlertHub()
-    cases = CaseService(admin, SQLiteCaseStore(paths.root / "cases.db"), store)
-    containment = Containment(admin, store, link=cases.link, require_case=cases.require_case)
-    return Incident(containment, cases, Story(admin, store, alerts), admin, store, alerts)
+
+    def case_event(kind: str, case: Any, detail: dict[str, Any]) -> None:
+        notifier.publish(Notification("case", f"case.{kind.removeprefix('case_')}",
+                                      case.severity, f"{case.case_id}: {case.title}",
+                                      details={"case_id": case.case_id, **detail}))
+
+    def action_event(actor: Actor, row: CommandRow, case_id: str) -> None:
+        notifier.publish(Notification("action", f"action.{row.action}", "high",
+                                      f"{row.action} issued by {actor.name}", row.agent_id,
+                                      row.issued_ns, {"command_id": row.command_id,
+                                                      "reason": row.reason,
+                                                      "case_id": case_id}))
+
+    cases = CaseService(admin, SQLiteCaseStore(paths.root / "cases.db"), store,
+                        on_event=case_event)
+    containment = Containment(admin, store, link=cases.link, require_case=cases.require_case,
+                              on_action=action_event)
+    playbooks = PlaybookEngine(playbook_config, admin, containment)
+    alerts.register(notifier)
+    alerts.register(playbooks)
+    notifier.start()
+    playbooks.start()
+    return Incident(containment, cases, Story(admin, store, alerts), admin, store, alerts,
+                    notifier, playbooks)
