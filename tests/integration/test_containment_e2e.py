@@ -258,3 +258,74 @@ def test_lock_user_kills_sessions_and_unlock_restores_exactly(world: World) -> N
             _reap(session)
         subprocess.run(["userdel", "-f", user], capture_output=True, timeout=30)
     assert subprocess.run(["id", user], capture_output=True).returncode != 0
+
+
+def test_case_links_actions_and_bundle_story_and_report(world: World) -> None:
+    created = json.loads(world.admin("case", "create", "Reverse shell on web-01",
+                                     "--severity", "high", "--host", world.agent_id,
+                                     "--json").stdout)
+    case_id = created["case"]["case_id"]
+    assert created["hosts"] == [world.agent_id] and created["case"]["status"] == "open"
+
+    parent = _spawn("sh", "-c", "sleep 304; true")
+    try:
+        child = wait_for(lambda: psutil.Process(parent.pid).children(), 10,
+                         what="the shell's child")[0]
+        launch = wait_for(lambda: world.launch_seen(child.pid), 20, what="child launch event")
+        wait_for(lambda: world.launch_seen(parent.pid), 20, what="parent launch event")
+        story = json.loads(world.admin("story", world.agent_id, "--seq", str(launch["seq"]),
+                                       "--json").stdout)
+        assert [p["pid"] for p in story["ancestry"]][-2:] == [parent.pid, child.pid]
+        assert story["ancestry"][-1]["cmd_line"] == "sleep 304"
+        assert story["timeline"][-1]["seq"] == launch["seq"]
+        text = world.admin("story", world.agent_id, "--seq", str(launch["seq"])).stdout
+        assert "process ancestry" in text and "sleep 304" in text
+
+        code, status = world.action("kill", world.agent_id, str(parent.pid), "--tree",
+                                    "--case", case_id, "--reason", "IR: contain the shell")
+        assert code == 0 and status["status"] == "succeeded", status
+    finally:
+        _reap(parent)
+
+    unknown = world.admin("bundle", "create", world.agent_id, "--case", "CASE-999", "-o",
+                          str(world.tmp / "nope.zip"), check=False)
+    assert unknown.returncode == 1 and "no case CASE-999" in unknown.stderr
+    bundle_path = world.tmp / "case.zip"
+    wait_for(lambda: world.admin("bundle", "create", world.agent_id, "--case", case_id, "-o",
+                                 str(bundle_path), check=False).returncode == 0, 30,
+             interval=1.0, what="a bundle (needs a covering checkpoint)")
+    world.admin("case", "link", case_id, "--note", "beacon to 198.18.0.3 confirmed")
+
+    shown = json.loads(world.admin("case", "show", case_id, "--json").stdout)
+    assert [c["action"] for c in shown["commands"]] == ["kill"]
+    assert shown["commands"][0]["status"] == "succeeded"
+    assert len(shown["bundles"]) == 1
+    assert shown["bundles"][0]["sha256"] == hashlib.sha256(bundle_path.read_bytes()).hexdigest()
+    verified = cli("bundle", "verify", str(bundle_path), "--data-dir",
+                   str(world.fleet.data_dir), "--json")
+    assert json.loads(verified.stdout)["case_id"] == case_id
+
+    refused = world.admin("case", "close", case_id, "--reason", " ", check=False)
+    assert refused.returncode == 1 and "reason" in refused.stderr
+    world.admin("case", "close", case_id, "--reason", "host reimaged")
+    md, html_path = world.tmp / "report.md", world.tmp / "report.html"
+    world.admin("case", "report", case_id, "-o", str(md))
+    world.admin("case", "report", case_id, "-o", str(html_path))
+    report = md.read_text()
+    for section in ("## Summary", "## Timeline", "## Evidence bundles", "## What worked",
+                    "## What did not work", "Time to contain", "Time to release"):
+        assert section in report, section
+    assert shown["bundles"][0]["sha256"] in report and "IR: contain the shell" in report
+    assert "host reimaged" in report
+    assert html_path.read_text().startswith("<!DOCTYPE html>")
+    late = world.admin("kill", world.agent_id, "4194001", "--case", case_id, "--start-time",
+                       "1", "--exe", "/x", "--reason", "late", check=False)
+    assert late.returncode == 1 and "closed" in late.stderr
+    audit = json.loads(world.admin("audit", "--json").stdout)
+    assert audit["verified"]
+    case_rows = [(r["action"], r["outcome"].split(":")[0]) for r in audit["records"]
+                 if r["target"] == case_id]
+    for expected in [("case_create", "allowed"), ("case_link", "allowed"),
+                     ("case_close", "refused"), ("case_close", "allowed"),
+                     ("case_report", "allowed")]:
+        assert expected in case_rows, (expected, case_rows)
