@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from collector.rpc import SessionRegistry
+from collector.rpc import AgentSession, SessionRegistry
 from collector.store.base import CommandRow, Conflict, Store
 from evidence.dsse import COMMAND_TYPE, sign_envelope
 
@@ -91,19 +91,27 @@ class CommandQueue:
             return
         with self._deliver_lock:
             for row in self._store.open_commands(agent_id, time.time_ns()):
-                if row.status == "pending" and session.send_command(row.envelope):
-                    self.update(row.command_id, "sent", "delivered to the agent",
-                                row.detail_json)
+                if row.status == "pending":
+                    self._send(session, row)
 
     def redeliver(self, agent_id: str) -> None:
         """On reconnect: re-send commands the agent has not answered (it drops duplicates)."""
         session = self._registry.get(agent_id)
         if session is None:
             return
-        for row in self._store.open_commands(agent_id, time.time_ns()):
-            if row.status in ("pending", "sent") and session.send_command(row.envelope):
+        with self._deliver_lock:
+            for row in self._store.open_commands(agent_id, time.time_ns()):
                 if row.status == "pending":
-                    self.update(row.command_id, "sent", "delivered to the agent", row.detail_json)
+                    self._send(session, row)
+                elif row.status == "sent":
+                    session.send_command(row.envelope)
+
+    def _send(self, session: AgentSession, row: CommandRow) -> None:
+        # Marked sent before it is queued: a fast agent's answer ("succeeded") must never be
+        # overwritten by a late "sent".
+        self.update(row.command_id, "sent", "delivered to the agent", row.detail_json)
+        if not session.send_command(row.envelope):
+            self.update(row.command_id, "pending", "", row.detail_json)
 
     def update(self, command_id: str, status: str, message: str, detail_json: str) -> None:
         self._store.update_command(command_id, status, message, detail_json, time.time_ns())

@@ -49,7 +49,7 @@ MAX_UNACKED = 20_000          # events kept for resending per simulated agent
 MAX_BATCH = 2000
 CHECKPOINT_NS = 5_000_000_000   # sign a checkpoint at least this often while emitting
 # grpc.aio's end-of-stream marker (absent from the type stubs, which describe the sync API).
-_EOF: Any = getattr(grpc.aio, "EOF")
+_EOF: Any = grpc.aio.EOF
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ class _SimAgent:
             delay = self.rng.uniform(0.25, min(10.0, 0.5 * 2 ** min(attempt, 5)))
             try:
                 await asyncio.wait_for(stop.wait(), delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _session(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:

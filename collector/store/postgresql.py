@@ -409,20 +409,26 @@ class PostgreSQLStore(Store):
         first_new: dict[str, int] = {}
         for r in events:
             first_new.setdefault(r.agent_id, r.seq)
-        agent_ids = sorted(set(first_new) | {c.agent_id for c in checkpoints})
         with self._tx() as cur:
-            # The row lock serializes ingest of one agent across collector nodes; sorted ids
-            # keep lock order fixed. A node that verified against a chain state another node
-            # has since moved past gets Conflict (retryable), never a second copy of a seq.
-            for agent_id in agent_ids:
-                row = cur.execute("SELECT chain_seq FROM agents WHERE agent_id = %s FOR UPDATE",
+            # The chain moves only with new events. Updating it first takes the agent's row
+            # lock, which serializes ingest of one agent across collector nodes (sorted ids
+            # keep lock order fixed), and its WHERE re-checks the newest row version: a node
+            # that verified against a chain state another node has since moved past updates
+            # nothing and gets Conflict (retryable), never a second copy of a seq. The whole
+            # transaction, this update included, commits or rolls back as one.
+            for agent_id in sorted(first_new):
+                floor = first_new[agent_id]
+                if cur.execute("UPDATE agents SET chain_seq = %s, chain_head = %s WHERE "
+                               "agent_id = %s AND chain_seq < %s",
+                               (chain.last_seq, chain.head, agent_id, floor)).rowcount == 1:
+                    continue
+                row = cur.execute("SELECT chain_seq FROM agents WHERE agent_id = %s",
                                   (agent_id,)).fetchone()
                 if row is None:
                     raise NotFound(f"no agent {agent_id!r}")
-                if agent_id in first_new and first_new[agent_id] <= row[0]:
-                    raise Conflict(f"events of agent {agent_id} from seq {first_new[agent_id]} "
-                                   f"were verified against a stale chain (stored up to seq "
-                                   f"{row[0]}): another node ingested them first")
+                raise Conflict(f"events of agent {agent_id} from seq {floor} were verified "
+                               f"against a stale chain (stored up to seq {row[0]}): another "
+                               "node ingested them first")
             if events:
                 with cur.copy(f"COPY events ({self._EVENT_COLS}) FROM STDIN "
                               "(FORMAT BINARY)") as copy:
@@ -442,9 +448,6 @@ class PostgreSQLStore(Store):
                     "INSERT INTO integrity_alerts (agent_id, kind, seq, detail, time_ns) "
                     "VALUES (%s, %s, %s, %s, %s)",
                     [(a.agent_id, a.kind, a.seq, a.detail, a.time_ns) for a in alerts])
-            for agent_id in agent_ids:
-                cur.execute("UPDATE agents SET chain_seq = %s, chain_head = %s WHERE "
-                            "agent_id = %s", (chain.last_seq, chain.head, agent_id))
 
     def query_events(self, agent_id: str, since_ns: int = 0, until_ns: int = 0, kind: str = "",
                      limit: int = 1000, after_seq: int = 0) -> Iterator[EventRow]:

@@ -475,6 +475,12 @@ def test_postgresql_stale_ingest_from_another_node_is_a_conflict() -> None:
                 node_b.commit_batch(rows, [], [], [], ChainState(12, rows[-1].chain_hash))
             assert [r.seq for r in node_b.query_events("a1")] == list(range(1, 11))
             assert node_b.chain_state("a1").last_seq == 10
+            # A stale batch without new events (a fork, a re-sent checkpoint) never moves the
+            # chain back to the state that node read.
+            node_b.commit_batch([], [ev(3, data=b"other")], [CheckpointRow(
+                "a1", 4, (4).to_bytes(32, "big"), T0, b"cp")], [], ChainState(4, b"stale"))
+            assert node_b.chain_state("a1") == ChainState(10, (10).to_bytes(32, "big"))
+            assert len(node_b.forks("a1")) == 1
         finally:
             node_a.close()
             node_b.close()
