@@ -49,7 +49,7 @@ MAX_UNACKED = 20_000          # events kept for resending per simulated agent
 MAX_BATCH = 2000
 CHECKPOINT_NS = 5_000_000_000   # sign a checkpoint at least this often while emitting
 # grpc.aio's end-of-stream marker (absent from the type stubs, which describe the sync API).
-_EOF: Any = grpc.aio.EOF
+_EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009 - missing from the stubs
 
 
 @dataclass(frozen=True)
