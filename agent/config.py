@@ -9,6 +9,7 @@ does not read the state directory (agent.state does).
     [session]   heartbeat_interval_s, backoff_max_s, max_unacked_records
     [isolation] backend ("nftables" | "iptables" | auto), netns (tests only)
     [collect]   max_file_bytes
+    [metrics]   listen = "127.0.0.1:9101" serves Prometheus /metrics there (default: off)
     [sensors]   see agent.sensors.config
 """
 
@@ -40,6 +41,11 @@ class IsolationConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None         # IP:PORT for Prometheus /metrics; None = no listener
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -48,6 +54,7 @@ class AgentConfig:
     isolation: IsolationConfig = field(default_factory=IsolationConfig)
     sensors: SensorsConfig = field(default_factory=SensorsConfig)
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def _section(cls: type[Any], raw: Any, name: str) -> Any:
@@ -76,7 +83,8 @@ def load_config(path: Path | None, state_dir: Path | None = None) -> AgentConfig
                 raise ConfigError(f"config file {path} does not exist") from None
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read {path}: {e}") from e
-    known = {"state_dir", "spool", "chain", "session", "isolation", "collect", "sensors"}
+    known = {"state_dir", "spool", "chain", "session", "isolation", "collect", "sensors",
+             "metrics"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"unknown configuration keys {sorted(unknown)}; known: {sorted(known)}")
@@ -93,4 +101,5 @@ def load_config(path: Path | None, state_dir: Path | None = None) -> AgentConfig
         isolation=_section(IsolationConfig, raw.get("isolation"), "isolation"),
         sensors=sensors,
         max_file_bytes=int(collect.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES)),
+        metrics=_section(MetricsConfig, raw.get("metrics"), "metrics"),
     )

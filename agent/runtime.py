@@ -28,6 +28,7 @@ from agent.chain import EvidenceChain
 from agent.commands import CommandGate
 from agent.config import AgentConfig
 from agent.executor import Executor
+from agent.metrics import AgentMetrics, AgentSnapshot
 from agent.rpc import Endpoint, SessionTransport
 from agent.sensors import Sensor, build_sensors
 from agent.session import Session
@@ -87,6 +88,8 @@ class Agent:
                                  make_durable=self.spool.flush,
                                  responses=self.responses)
         self._threads: list[threading.Thread] = []
+        self.metrics = AgentMetrics(self._metrics_snapshot) if config.metrics.listen else None
+        self.metrics_port = 0
 
     def _backend(self) -> FirewallBackend:
         iso = self.config.isolation
@@ -126,7 +129,14 @@ class Agent:
         return self.session.send(pb.AgentMessage(file_chunk=chunk), timeout=60.0)
 
     def _record_telemetry(self, event: pb.Event) -> None:
-        self.chain.record(event)
+        seq = self.chain.record(event)
+        if self.metrics is not None:
+            self.metrics.recorded(event.WhichOneof("body") or "unknown", seq)
+
+    def _metrics_snapshot(self) -> AgentSnapshot:
+        stats = self.spool.stats()
+        return AgentSnapshot(stats.bytes_used, stats.pending_records, self.isolation.state,
+                             self.session.connected.is_set())
 
     def _session_healthy(self) -> bool:
         if self.session.healthy_since(self._applied_at):
@@ -149,6 +159,9 @@ class Agent:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self, stop: threading.Event) -> None:
+        if self.metrics is not None and self.config.metrics.listen:
+            # First, so a bad or busy address fails the start before anything is recorded.
+            self.metrics_port = self.metrics.serve(self.config.metrics.listen)
         seq, head = self.chain.head
         recovery = self.spool.recovery
         self.chain.record(pb.Event(severity_id=1, lifecycle=pb.AgentLifecycle(
@@ -226,6 +239,8 @@ class Agent:
         for thread in self._threads:
             thread.join(timeout=5)
         self.spool.close()
+        if self.metrics is not None:
+            self.metrics.stop()
 
     def status(self) -> AgentStatus:
         return AgentStatus(self.agent_id, self.chain.seq, self.spool.acked_seq,

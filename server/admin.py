@@ -49,6 +49,7 @@ REQUIRED_ROLE = {
     "query_events": "viewer",
     "integrity": "viewer",
     "get_command": "viewer",
+    "console_login": "viewer",
     "list_alerts": "viewer",
     "isolate": "responder",
     "release": "responder",

@@ -23,6 +23,7 @@ from proto import ringfence_pb2 as pb
 from proto import ringfence_pb2_grpc as pb_grpc
 from proto.limits import UNARY_DEADLINE_S, client_options
 from server.admin import Actor, Admin, AdminError, AllowSpec, InvalidRequest, PermissionDenied
+from server.console import ConsoleLoginGrant
 from server.incident import Incident, to_json
 from server.detection import DetectionError, DetectionStoreError
 from server.detection.records import Alert
@@ -90,10 +91,12 @@ class AdminService(pb_grpc.AdminServicer):
 
     def __init__(self, admin: Admin, store: Store,
                  bundles: Callable[[Actor, pb.CreateBundleRequest], Iterator[pb.BundleChunk]]
-                 | None = None) -> None:
+                 | None = None,
+                 console_login: Callable[[Actor, str], ConsoleLoginGrant] | None = None) -> None:
         self._admin = admin
         self._store = store
         self._bundles = bundles
+        self._console_login = console_login
 
     def _actor(self, context: grpc.ServicerContext) -> Actor:
         try:
@@ -208,6 +211,20 @@ class AdminService(pb_grpc.AdminServicer):
         agent_id, closed = self._call(context, lambda a: self._admin.revoke_agent(
             a, request.host, request.reason))
         return pb.RevokeAgentResponse(agent_id=agent_id, session_closed=closed)
+
+    def CreateConsoleLogin(self, request: pb.CreateConsoleLoginRequest,
+                           context: grpc.ServicerContext) -> pb.ConsoleLogin:
+        if self._console_login is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the web console is disabled on this "
+                          "server: start it with `ringfence server run --console HOST:PORT`")
+        assert self._console_login is not None
+        issue = self._console_login
+        # _actor authenticated the certificate; the login is bound to that same certificate.
+        actor = self._actor(context)
+        fingerprint = peer_identity(context).fingerprint
+        grant = self._call(context, lambda a: issue(a, fingerprint))
+        return pb.ConsoleLogin(url=grant.url, expires_ns=grant.expires_ns, actor=actor.name,
+                               role=actor.role)
 
     # -- detection (server.detection.service) -------------------------------------------------
     def _detection(self, context: grpc.ServicerContext) -> DetectionAdmin:
@@ -387,6 +404,9 @@ class AdminClient:
 
     def revoke_agent(self, host: str, reason: str) -> pb.RevokeAgentResponse:
         return self._unary(self._stub.RevokeAgent, pb.RevokeAgentRequest(host=host, reason=reason))
+
+    def console_login(self) -> pb.ConsoleLogin:
+        return self._unary(self._stub.CreateConsoleLogin, pb.CreateConsoleLoginRequest())
 
     def contain(self, request: pb.ContainRequest) -> pb.CommandStatus:
         return self._unary(self._stub.Contain, request)
