@@ -29,6 +29,8 @@ from server.console import LoginIssuer
 from server.console.auth import ConsoleAuth
 from server.console.web import ConsoleApp, ConsoleServer
 from server.control import BlobStore, ControlPlane
+from server.detection.engine import DetectionConfig
+from server.detection.service import DetectionAdmin, DetectionRuntime
 from server.fleet import Enrollment, load_config
 from server.incident import build_incident
 from server.metrics import MeteredControlPlane, ServerMetrics
@@ -49,6 +51,7 @@ class RunConfig:
     enroll: str = "0.0.0.0:8442"          # enrollment (TLS, server-authenticated only)
     advertise: tuple[str, ...] = ()       # collector addresses for isolation policies
     max_sessions: int = 1000
+    detection: DetectionConfig | None = None  # None: DATA/detection.json, else defaults
     store: str = ""                       # PostgreSQL URL; "" = as recorded in the data dir
     console: str | None = None            # web console + /metrics HOST:PORT; None = off
     console_url: str = ""                 # base URL in login links (default http://HOST:PORT)
@@ -64,6 +67,7 @@ class RunningServer:
     stopped: threading.Event
     console: ConsoleServer | None = None
     metrics: ServerMetrics | None = None
+    detection: DetectionRuntime | None = None
 
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         if self.console is not None:
@@ -71,6 +75,8 @@ class RunningServer:
         events = [s.stop(grace_s) for s in self.servers]
         for e in events:
             e.wait(grace_s + 1)
+        if self.detection is not None:
+            self.detection.stop()
         self.store.close()
         self.stopped.set()
 
@@ -90,12 +96,15 @@ def start(config: RunConfig) -> RunningServer:
     store = open_server_store(paths, config.store)
     registry = ClusterSessions(store, new_node_id())
     commands = CommandQueue(store, registry, signing_key)
+    detection = DetectionRuntime.open(store, config.data_dir, config.detection)
+    detection.start()
     # Set by RunningServer.stop(); ends the node's heartbeat and notification threads.
     stopped = threading.Event()
     node = ClusterNode(store, registry, commands, stopped)
     console_auth = ConsoleAuth()
     metrics = ServerMetrics(store, registry, console_auth.counts)
-    control = MeteredControlPlane(ControlPlane(store, registry, commands, BlobStore(paths.blobs)),
+    control = MeteredControlPlane(ControlPlane(store, registry, commands, BlobStore(paths.blobs),
+                                               detection.submit),
                                   store, metrics)
     server_pair = [(paths.server_key.read_bytes(), paths.server_cert.read_bytes())]
     ca_pem = paths.ca_cert.read_bytes()
@@ -119,6 +128,7 @@ def start(config: RunConfig) -> RunningServer:
 
     advertise = list(config.advertise) or list(fleet.addresses)
     admin = Admin(store, registry, commands, [(a, ports["collector"]) for a in advertise])
+    admin.detection = DetectionAdmin(admin, detection)
     pb_grpc.add_EnrollmentServicer_to_server(
         EnrollmentService(Enrollment(store, ca, public_key_bytes(signing_key.public_key()),
                                      ports["collector"])), enroll_server)
@@ -152,4 +162,4 @@ def start(config: RunConfig) -> RunningServer:
     logger.info("ringfence server listening: enroll %s, collector %s, admin %s, console %s",
                 ports["enroll"], ports["collector"], ports["admin"], ports.get("console", "off"))
     return RunningServer(ports, (enroll_server, collector_server, admin_server), store,
-                         stopped, console, metrics)
+                         stopped, console, metrics, detection)

@@ -33,6 +33,7 @@ from server.fleet import TOKEN_ID_HEX, token_id
 from server.fleet import parse_duration
 from server.pki import CertificateAuthority, Identity, PKIError, ServerPaths
 from server.rpc import AdminClient, ClientError, ServerAddress
+from server.detection import DetectionError
 from server import cli_scale
 from server.storage import StorageConfigError, open_server_store
 from server.cli_packaging import register as register_packaging_commands
@@ -235,7 +236,7 @@ def host_dict(h: pb.Host) -> dict[str, Any]:
     return {"agent_id": h.agent_id, "hostname": h.hostname, "online": h.online,
             "last_seen": fmt_time(h.last_seen_ns), "last_seen_ns": h.last_seen_ns,
             "agent_version": h.agent_version, "last_seq": h.last_seq,
-            "integrity_alerts": h.integrity_alerts,
+            "integrity_alerts": h.integrity_alerts, "open_alerts": h.open_alerts,
             "isolation": {"state": h.isolation_state or "none",
                           "changed": fmt_time(h.isolation_changed_ns),
                           "changed_ns": h.isolation_changed_ns, "reason": h.isolation_reason},
@@ -253,11 +254,11 @@ def cmd_hosts(args: argparse.Namespace) -> int:
         print("no hosts enrolled yet: `ringfence token create`, then `ringfence-agent enroll`")
         return EXIT_OK
     print(f"{'HOSTNAME':<20} {'AGENT ID':<36} {'STATE':<8} {'LAST SEEN':<19} {'SEQ':>8} "
-          f"{'ISOLATION':<10} INTEGRITY")
+          f"{'ISOLATION':<10} {'ALERTS':>6} INTEGRITY")
     for h in hosts:
         print(f"{h.hostname[:20]:<20} {h.agent_id:<36} {'online' if h.online else 'offline':<8} "
               f"{fmt_time(h.last_seen_ns):<19} {h.last_seq:>8} {h.isolation_state or 'none':<10} "
-              f"{h.integrity_alerts or 'ok'}")
+              f"{h.open_alerts:>6} {h.integrity_alerts or 'ok'}")
     return EXIT_OK
 
 
@@ -686,6 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     from server.cli_incident import register as register_incident
     register_incident(sub)
     register_packaging_commands(sub)
+    from server.cli_detection import register as register_detection
+    register_detection(sub)
     return parser
 
 
@@ -696,6 +699,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
+    except DetectionError as e:
+        print(f"ringfence: {e}", file=sys.stderr)
+        return EXIT_FAIL
     except (CLIError, ClientError, FleetError, PKIError, InvalidRequest, EvidenceError,
             StoreError, StorageConfigError, ValueError) as e:
         print(f"ringfence: {e}", file=sys.stderr)

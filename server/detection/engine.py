@@ -1,0 +1,394 @@
+"""The live detection path: every stored event is evaluated against the Sigma rules and the
+behaviour baselines on a worker thread, off the ingest thread.
+
+`submit()` is what ControlPlane.events_stored calls after each committed batch; it only puts
+the batch on a bounded queue and never blocks. When the queue is full the batch is not
+evaluated live: the overflow is logged as a warning, written to the detection database and
+raised as an alert, and the worker later evaluates the missed events from the evidence store
+by seq (it keeps a per-agent cursor of the last evaluated seq, which also lets it resume
+after a restart). Hunts (retro evaluation over stored history) reuse the same evaluator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from collector.ingest import DecodedEvent
+from collector.store.base import Store, StoreError
+from proto import ringfence_pb2 as pb
+from server.detection import DetectionError, RuleError
+from server.detection.baselines import BaselineConfig, Baselines
+from server.detection.fields import DNSCache, Observed, observe
+from server.detection.records import Alert, CustomRule, EventRef, NewAlert
+from server.detection.sigma import (
+    PACK_DIR,
+    CompiledRule,
+    LoadedRule,
+    RuleIndex,
+    UnsupportedRule,
+    facts_of,
+    load_pack,
+    load_yaml,
+)
+from server.detection.store import DetectionStore
+
+logger = logging.getLogger(__name__)
+
+NS = 1_000_000_000
+CATCH_UP_CHUNK = 2000
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    enabled: bool = True
+    queue_events: int = 200_000          # events waiting for the worker before overflow
+    dedup_window_s: float = 600.0        # same rule, same process tree: one alert + count
+    rules_reload_s: float = 2.0          # how often the worker looks for rule changes
+    flush_interval_s: float = 1.0        # how often baseline state and cursors are saved
+    pack_dir: Path | None = PACK_DIR     # None: no shipped pack (custom rules only)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+
+    @classmethod
+    def from_file(cls, path: Path) -> DetectionConfig:
+        """DATA/detection.json: {"dedup_window_s": 600, "baselines": {"learning_s": ...}}."""
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as e:
+            raise DetectionError(f"{path}: not a readable JSON detection config: {e}") from e
+        baselines = BaselineConfig.from_dict(raw.pop("baselines", {}))
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise DetectionError(f"{path}: unknown detection settings {sorted(unknown)}")
+        if "pack_dir" in raw:
+            raw["pack_dir"] = Path(raw["pack_dir"]) if raw["pack_dir"] else None
+        return cls(baselines=baselines, **raw)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Rules in force: the pack and custom rules, minus the disabled ones."""
+
+    loaded: tuple[tuple[LoadedRule, bool], ...]     # (rule, disabled)
+    index: RuleIndex
+
+    def find(self, ident: str) -> LoadedRule:
+        """A rule by id, title or file name (case-insensitive); RuleError if none or several."""
+        wanted = ident.lower()
+        hits = [r for r, _ in self.loaded
+                if wanted in (r.info.rule_id.lower(), r.info.title.lower(),
+                              Path(r.info.source).name.lower(), Path(r.info.source).stem.lower())]
+        if len(hits) != 1:
+            raise RuleError(ident, "no such rule; see `ringfence rules list`" if not hits else
+                            f"{len(hits)} rules have that name; use the rule id")
+        return hits[0]
+
+
+def build_ruleset(pack: Sequence[LoadedRule], custom: Iterable[CustomRule],
+                  disabled: set[str]) -> RuleSet:
+    loaded: list[tuple[LoadedRule, bool]] = [(r, r.info.rule_id in disabled) for r in pack]
+    for c in custom:
+        try:
+            rules = load_yaml(c.yaml, f"custom:{c.rule_id}")
+        except RuleError as e:
+            logger.error("custom rule %s no longer loads: %s", c.rule_id, e.reason)
+            continue
+        loaded.extend((r, r.info.rule_id in disabled) for r in rules)
+    index = RuleIndex(r for r, off in loaded if isinstance(r, CompiledRule) and not off)
+    return RuleSet(tuple(loaded), index)
+
+
+def _tree(observed: Observed) -> str:
+    """The dedup scope of a match: the process tree (session, else parent) or the object."""
+    r = observed.record
+    if observed.category == "process_creation":
+        session = r.get("process.session_id", 0)
+        return f"sid{session}" if session else f"ppid{r.get('process.ppid', 0)}"
+    if observed.category == "network_connection":
+        return f"pid{r.get('process.pid', 0)}"
+    return str(r.get("file.path") or r.get("query.hostname") or "")
+
+
+def _what(observed: Observed) -> str:
+    r = observed.record
+    for key in ("process.cmd_line", "file.path", "dst_endpoint.hostname", "dst_endpoint.ip",
+                "query.hostname"):
+        if r.get(key):
+            text = str(r[key])
+            if key == "dst_endpoint.ip":
+                text += f":{r.get('dst_endpoint.port', '')}"
+            return text[:300]
+    return ""
+
+
+class Evaluator:
+    """Rules + baselines over single events: what the live path and hunts share."""
+
+    def __init__(self, rules: RuleSet, baselines: Baselines | None) -> None:
+        self.rules = rules
+        self.baselines = baselines
+        self._dns: dict[str, DNSCache] = {}
+
+    def evaluate(self, agent_id: str, seq: int, event: pb.Event) -> list[NewAlert]:
+        dns = self._dns.get(agent_id)
+        if dns is None:
+            dns = self._dns[agent_id] = DNSCache()
+        observed = observe(event, dns)
+        if observed is None:
+            if self.baselines is not None:
+                self.baselines.seen(agent_id, event.time_ns)
+            return []
+        facts = facts_of(observed.record)
+        out: list[NewAlert] = []
+        ref = EventRef(agent_id, seq)
+        matched = self.rules.index.match(observed.category, facts)
+        if matched:
+            tree, what = _tree(observed), _what(observed)
+            for rule in matched:
+                i = rule.info
+                out.append(NewAlert(
+                    agent_id, "sigma", i.rule_id, i.title, i.severity,
+                    f"Sigma rule \"{i.title}\" ({i.level}; by {i.author}) matched "
+                    f"{observed.category} event #{seq}: {what}",
+                    f"sigma:{i.rule_id}:{agent_id}:{tree}", ref, event.time_ns))
+        if self.baselines is not None:
+            for a in self.baselines.observe(agent_id, observed.category, facts[0],
+                                            event.time_ns):
+                out.append(NewAlert(agent_id, "baseline", a.model, a.title, a.severity,
+                                    a.detail, f"baseline:{a.dedup_key}", ref, event.time_ns))
+        return out
+
+
+@dataclass
+class EngineStats:
+    evaluated: int = 0
+    alerts: int = 0
+    overflowed_events: int = 0
+    caught_up_events: int = 0
+
+
+class DetectionEngine:
+    """The worker that evaluates stored events live; see the module docstring."""
+
+    def __init__(self, store: Store, dstore: DetectionStore, config: DetectionConfig,
+                 on_alerts: Callable[[list[Alert]], None] | None = None) -> None:
+        self._store = store
+        self._dstore = dstore
+        self.config = config
+        self._on_alerts = on_alerts
+        self._pack: list[LoadedRule] = load_pack(config.pack_dir) if config.pack_dir else []
+        self._rules_version = dstore.rules_version()
+        self.evaluator = Evaluator(self._ruleset(), Baselines(config.baselines,
+                                                              dstore.baselines()))
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[str, list[DecodedEvent]]] = deque()
+        self._queued = 0
+        self._behind: set[str] = set()
+        self._overflows: list[tuple[str, int, int]] = []
+        self._cursors: dict[str, int] = dstore.cursors()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = EngineStats()
+
+    # -- rules ----------------------------------------------------------------------------------
+    def _ruleset(self) -> RuleSet:
+        return build_ruleset(self._pack, self._dstore.custom_rules(),
+                             self._dstore.disabled_rules())
+
+    @property
+    def rules(self) -> RuleSet:
+        return self.evaluator.rules
+
+    def _reload_rules(self) -> None:
+        version = self._dstore.rules_version()
+        if version != self._rules_version:
+            self._rules_version = version
+            self.evaluator.rules = self._ruleset()
+            logger.info("detection rules reloaded: %d in force", len(self.evaluator.rules.index))
+
+    # -- ingest side ----------------------------------------------------------------------------
+    def submit(self, agent_id: str, events: list[DecodedEvent]) -> None:
+        """Queue a stored batch for evaluation; never blocks (overflow is deferred, loudly)."""
+        if not events:
+            return
+        with self._cond:
+            if agent_id in self._behind:
+                return      # the worker reads this agent from the store until it catches up
+            if self._queued + len(events) > self.config.queue_events:
+                self._behind.add(agent_id)
+                self._overflows.append((agent_id, events[0].seq, events[-1].seq))
+                self.stats.overflowed_events += len(events)
+                logger.warning("detection queue full (%d events): agent %s seq %d.. deferred "
+                               "to catch-up from the store", self._queued, agent_id,
+                               events[0].seq)
+            else:
+                self._queue.append((agent_id, events))
+                self._queued += len(events)
+            self._cond.notify()
+
+    # -- worker ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        for agent in self._store.list_agents():
+            last = self._store.chain_state(agent.agent_id).last_seq
+            if agent.agent_id not in self._cursors:
+                # History before detection existed is for hunts, not live alerts.
+                self._cursors[agent.agent_id] = last
+            elif self._cursors[agent.agent_id] < last:
+                self._behind.add(agent.agent_id)
+        self._thread = threading.Thread(target=self._run, name="detection", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self._flush()
+
+    def idle(self) -> bool:
+        """Nothing queued or deferred (for tests and benchmarks)."""
+        with self._cond:
+            return not self._queue and not self._behind
+
+    def _run(self) -> None:
+        next_flush = next_reload = time.monotonic()
+        while not self._stop.is_set():
+            with self._cond:
+                if not self._queue and not self._behind:
+                    self._cond.wait(0.2)
+                item = self._queue.popleft() if self._queue else None
+                if item is not None:
+                    self._queued -= len(item[1])
+                behind = next(iter(self._behind), None) if item is None else None
+            try:
+                if item is not None:
+                    self._evaluate_batch(item[0], [(d.seq, d.event) for d in item[1]])
+                elif behind is not None:
+                    self._catch_up(behind)
+                now = time.monotonic()
+                if now >= next_reload:
+                    next_reload = now + self.config.rules_reload_s
+                    self._reload_rules()
+                if now >= next_flush:
+                    next_flush = now + self.config.flush_interval_s
+                    self._flush()
+            except (DetectionError, StoreError) as e:
+                # Storage trouble: say so and retry from the cursor (nothing is skipped).
+                logger.error("detection worker: %s; retrying in 1 s", e)
+                if item is not None:
+                    with self._cond:
+                        self._behind.add(item[0])
+                self._stop.wait(1.0)
+
+    def _evaluate_batch(self, agent_id: str, events: Iterable[tuple[int, pb.Event]]) -> None:
+        cursor = self._cursors.get(agent_id, 0)
+        alerts: list[NewAlert] = []
+        evaluate = self.evaluator.evaluate
+        n = 0
+        for seq, event in events:
+            if seq <= cursor:
+                continue
+            alerts.extend(evaluate(agent_id, seq, event))
+            cursor = seq
+            n += 1
+        self._cursors[agent_id] = cursor
+        self.stats.evaluated += n
+        if alerts:
+            stored = self._dstore.raise_alerts(alerts, time.time_ns(),
+                                               int(self.config.dedup_window_s * NS))
+            self.stats.alerts += len(alerts)
+            for a in alerts:
+                logger.info("alert: %s %s on agent %s (event #%d)", a.severity, a.title,
+                            a.agent_id, a.event.seq if a.event else 0)
+            if self._on_alerts is not None:
+                self._on_alerts(stored)
+
+    def _catch_up(self, agent_id: str) -> None:
+        """Evaluate an agent's stored events after its cursor, then return it to live."""
+        last = self._store.chain_state(agent_id).last_seq
+        cursor = self._cursors.get(agent_id, 0)
+        if cursor < last:
+            rows = list(self._store.events_by_seq(agent_id, cursor + 1,
+                                                  min(last, cursor + CATCH_UP_CHUNK)))
+            events = []
+            for row in rows:
+                try:
+                    events.append((row.seq, pb.Event.FromString(row.data)))
+                except DecodeError:
+                    logger.error("stored event %s #%d does not decode; skipped by detection",
+                                 agent_id, row.seq)
+            before = self.stats.evaluated
+            self._evaluate_batch(agent_id, events)
+            self.stats.caught_up_events += self.stats.evaluated - before
+            self._cursors[agent_id] = max(self._cursors.get(agent_id, 0),
+                                          min(last, cursor + CATCH_UP_CHUNK))
+            return
+        with self._cond:
+            # Batches stored from now on go through the queue; any stored between the read
+            # above and this point are read once more below (the cursor skips duplicates).
+            self._behind.discard(agent_id)
+        last = self._store.chain_state(agent_id).last_seq
+        if self._cursors.get(agent_id, 0) < last:
+            rows = list(self._store.events_by_seq(agent_id, self._cursors[agent_id] + 1, last))
+            self._evaluate_batch(agent_id, [(r.seq, pb.Event.FromString(r.data))
+                                            for r in rows])
+        logger.info("detection caught up with agent %s at seq %d", agent_id,
+                    self._cursors.get(agent_id, 0))
+
+    def _flush(self) -> None:
+        with self._cond:
+            overflows, self._overflows = self._overflows, []
+        now = time.time_ns()
+        for agent_id, first, last in overflows:
+            self._dstore.record_overflow(agent_id, first, last, now)
+            self._dstore.raise_alerts([NewAlert(
+                agent_id, "engine", "detection_queue_overflow",
+                "Detection queue overflow: events evaluated late from the store", "medium",
+                f"the live detection queue was full ({self.config.queue_events} events); "
+                f"events from seq {first} were deferred and are evaluated from the store by "
+                "seq, so alerts for them come late", f"engine:overflow:{agent_id}", None, now)],
+                now, int(self.config.dedup_window_s * NS))
+        rows = self.evaluator.baselines.dirty_rows() if self.evaluator.baselines else []
+        self._dstore.save_state(rows, dict(self._cursors))
+
+
+def hunt(store: Store, rule: CompiledRule, agent_ids: Sequence[str], since_ns: int,
+         until_ns: int, limit: int) -> tuple[list[tuple[NewAlert, pb.Event]], int, bool]:
+    """Run one rule over stored history: (matches with their events, events scanned,
+    truncated). Baselines are not consulted (they judge the live stream)."""
+    evaluator = Evaluator(RuleSet(((rule, False),), RuleIndex([rule])), None)
+    matches: list[tuple[NewAlert, pb.Event]] = []
+    scanned = 0
+    for agent_id in agent_ids:
+        after = 0
+        while True:
+            rows = list(store.query_events(agent_id, since_ns, until_ns, "", 5000, after))
+            if not rows:
+                break
+            for row in rows:
+                after = max(after, row.seq)
+                try:
+                    event = pb.Event.FromString(row.data)
+                except DecodeError:
+                    continue
+                scanned += 1
+                for alert in evaluator.evaluate(agent_id, row.seq, event):
+                    matches.append((alert, event))
+                    if len(matches) >= limit:
+                        return matches, scanned, True
+    return matches, scanned, False
+
+
+__all__ = ["DetectionConfig", "DetectionEngine", "Evaluator", "RuleSet", "UnsupportedRule",
+           "build_ruleset", "hunt"]
