@@ -50,12 +50,13 @@ PG_DSN = os.environ.get("RINGFENCE_TEST_PG_DSN", "postgresql://postgres@127.0.0.
 
 
 class Server:
-    def __init__(self, data: Path, log: Path) -> None:
+    def __init__(self, data: Path, log: Path, max_sessions: int = 1000) -> None:
         self.log = log
         out = log.open("wb")
         self.proc = subprocess.Popen(
             [str(BIN / "ringfence"), "server", "run", "--data-dir", str(data), "--listen",
-             "127.0.0.1:0", "--admin", "127.0.0.1:0", "--enroll", "127.0.0.1:0"],
+             "127.0.0.1:0", "--admin", "127.0.0.1:0", "--enroll", "127.0.0.1:0",
+             "--max-sessions", str(max_sessions)],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         out.close()
         deadline = time.monotonic() + 60
@@ -110,9 +111,9 @@ def fresh_fleet(base: Path, name: str) -> Path:
 
 # -- 1. sessions per process ---------------------------------------------------------------------
 
-def sessions_step(base: Path, n: int, hold_s: float) -> dict[str, Any]:
+def sessions_step(base: Path, n: int, hold_s: float, max_sessions: int) -> dict[str, Any]:
     data = fresh_fleet(base, f"sessions-{n}")
-    server = Server(data, base / f"server-{n}.log")
+    server = Server(data, base / f"server-{n}.log", max_sessions)
     peak_rss, held, started = 0, 0, time.monotonic()
     try:
         gen = loadgen(server, data, n, duration=max(60.0, n / 50) + hold_s,
@@ -136,7 +137,7 @@ def sessions_step(base: Path, n: int, hold_s: float) -> dict[str, Any]:
             gen.wait(timeout=30)
     finally:
         server.stop()
-    return {"agents": n, "online": held, "rss_mb": peak_rss >> 20,
+    return {"agents": n, "online": held, "rss_mb": peak_rss >> 20, "max_sessions": max_sessions,
             "time_to_online_s": round(reached_s, 1),
             "ok": held >= n and peak_rss <= RSS_CAP}
 
@@ -280,6 +281,9 @@ def main() -> int:
     p.add_argument("--steps", default="250,500,1000,2000,4000,10000")
     p.add_argument("--hold", type=float, default=10.0, help="seconds to hold each step")
     p.add_argument("--skip-sessions", action="store_true")
+    p.add_argument("--max-sessions", type=int, default=0,
+                   help="server run --max-sessions (default: N of the step, so the thread "
+                        "design itself is what is measured; 1000 = the shipped default)")
     args = p.parse_args()
     report: dict[str, Any] = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="rf-fleet-scale-") as tmp:
@@ -291,7 +295,7 @@ def main() -> int:
             for n in (int(s) for s in args.steps.split(",")):
                 if n > args.max_agents:
                     break
-                step = sessions_step(base, n, args.hold)
+                step = sessions_step(base, n, args.hold, args.max_sessions or n)
                 steps.append(step)
                 if not step["ok"]:
                     break

@@ -98,7 +98,7 @@ def cmd_server_run(args: argparse.Namespace) -> int:
     config = RunConfig(
         data_dir=data_dir, listen=args.listen or f"0.0.0.0:{fleet.collector_port}",
         admin=args.admin, enroll=args.enroll or f"0.0.0.0:{fleet.enroll_port}",
-        store=args.store or "",
+        store=args.store or "", max_sessions=args.max_sessions,
         advertise=tuple(args.advertise or ()), console=_console_address(args),
         console_url=args.console_url or "")
     running = start(config)
@@ -547,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "console sits behind a proxy")
     p.add_argument("--store", help="postgresql://... URL of a shared store (default: the one "
                    "recorded by `server migrate`, else DATA/ringfence.db)")
+    p.add_argument("--max-sessions", type=int, default=1000,
+                   help="agent streams this node holds at once (each holds a thread)")
     p.set_defaults(func=cmd_server_run)
     cli_scale.register(sub, server)
 
