@@ -1,0 +1,160 @@
+"""The alert store and its hash chain, and the live engine: dedup, status changes, tamper
+detection, queue overflow caught up from the evidence store by seq, restart resume."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from collector.ingest import DecodedEvent
+from collector.store.base import AgentRecord, ChainState, EventRow
+from collector.store.sqlite import SQLiteStore
+from proto import ringfence_pb2 as pb
+from server.detection import InvalidTransition
+from server.detection.baselines import BaselineConfig
+from server.detection.engine import DetectionConfig, DetectionEngine
+from server.detection.records import AlertChainBroken, EventRef, NewAlert, verify_alert_log
+from server.detection.store import SQLiteDetectionStore
+
+AGENT = "00000000-0000-4000-8000-000000000001"
+NS = 1_000_000_000
+
+
+def _alert(seq: int, rule: str = "r1", tree: str = "t1") -> NewAlert:
+    return NewAlert(AGENT, "sigma", rule, f"Rule {rule}", "high", "detail",
+                    f"sigma:{rule}:{AGENT}:{tree}", EventRef(AGENT, seq), seq * NS)
+
+
+def _verify(d: SQLiteDetectionStore) -> int:
+    return verify_alert_log(d.alert_log(), d.alert_head(), d.list_alerts(limit=10**6))
+
+
+def test_dedup_status_and_chain(tmp_path: Path) -> None:
+    d = SQLiteDetectionStore(tmp_path / "d.sqlite")
+    now = time.time_ns()
+    [first] = d.raise_alerts([_alert(1)], now, 600 * NS)
+    [same] = d.raise_alerts([_alert(2)], now + NS, 600 * NS)
+    assert same.alert_id == first.alert_id and same.count == 2
+    assert same.events == (EventRef(AGENT, 1), EventRef(AGENT, 2))
+    [other_tree] = d.raise_alerts([_alert(3, tree="t2")], now + NS, 600 * NS)
+    [later] = d.raise_alerts([_alert(4)], now + 700 * NS, 600 * NS)      # outside the window
+    assert len({first.alert_id, other_tree.alert_id, later.alert_id}) == 3
+    assert d.open_alert_counts() == {AGENT: 3}
+    d.set_status(first.alert_id, "acknowledged", "looking", "alice", now)
+    closed = d.set_status(first.alert_id, "closed", "benign", "alice", now)
+    assert (closed.status, closed.status_reason, closed.status_actor) == ("closed", "benign",
+                                                                          "alice")
+    with pytest.raises(InvalidTransition):
+        d.set_status(first.alert_id, "acknowledged", "again", "alice", now)
+    # A repeat within the window joins the open alert of its tree.
+    [repeat] = d.raise_alerts([_alert(5)], now + 701 * NS, 600 * NS)
+    assert (repeat.alert_id, repeat.count) == (later.alert_id, 2)
+    # A repeat after closing opens a new alert rather than reviving the closed one.
+    d.set_status(other_tree.alert_id, "closed", "benign", "alice", now + 702 * NS)
+    [reopened] = d.raise_alerts([_alert(6, tree="t2")], now + 703 * NS, 600 * NS)
+    assert reopened.alert_id > later.alert_id and reopened.count == 1
+    assert _verify(d) == 9
+    d.close()
+
+
+@pytest.mark.parametrize("tamper,message", [
+    ("UPDATE alert_log SET body = replace(body, 'high', 'low') WHERE seq = 1", "altered"),
+    ("DELETE FROM alert_log WHERE seq = 2", "missing"),
+    ("DELETE FROM alert_log WHERE seq = (SELECT MAX(seq) FROM alert_log)", "deleted from"),
+    ("UPDATE alerts SET title = 'nothing to see' WHERE alert_id = 1", "altered after"),
+    ("UPDATE alerts SET count = 1 WHERE alert_id = 1", "count or status"),
+    ("UPDATE alerts SET status = 'closed' WHERE alert_id = 1", "count or status"),
+    ("DELETE FROM alert_head", "head record is missing"),
+])
+def test_tampering_with_alerts_is_detected(tmp_path: Path, tamper: str, message: str) -> None:
+    d = SQLiteDetectionStore(tmp_path / "d.sqlite")
+    now = time.time_ns()
+    d.raise_alerts([_alert(1), _alert(2), _alert(3, rule="r2")], now, 600 * NS)
+    assert _verify(d) == 3
+    d.close()
+    with sqlite3.connect(tmp_path / "d.sqlite") as db:
+        db.execute(tamper)
+    d = SQLiteDetectionStore(tmp_path / "d.sqlite")
+    with pytest.raises(AlertChainBroken, match=message):
+        _verify(d)
+    d.close()
+
+
+def _event(seq: int, exe: str, *argv: str) -> pb.Event:
+    e = pb.Event(seq=seq, time_ns=time.time_ns(), agent_id=AGENT)
+    e.process.activity_id = 1
+    e.process.process.pid, e.process.process.ppid = 1000 + seq, 1
+    e.process.process.session_id = 1000 + seq    # each launch its own process tree
+    e.process.process.exe = exe.encode()
+    e.process.process.argv.extend(a.encode() for a in argv)
+    return e
+
+
+def _evidence(tmp_path: Path, events: list[pb.Event]) -> SQLiteStore:
+    store = SQLiteStore(tmp_path / "events.sqlite")
+    store.register_agent(AgentRecord(AGENT, "host-1", "linux", "6.1", "m", (), "1",
+                                     bytes(32), "f", 1))
+    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
+            for e in events]
+    store.commit_batch(rows, [], [], [], ChainState(events[-1].seq, bytes(32)))
+    return store
+
+
+def _wait(engine: DetectionEngine) -> None:
+    deadline = time.monotonic() + 20
+    while not engine.idle() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.idle()
+
+
+def test_overflow_is_recorded_and_caught_up_from_the_store(tmp_path: Path) -> None:
+    events = [_event(s, "/usr/bin/base64", "base64", "-d") for s in range(1, 201)]
+    store = _evidence(tmp_path, events[:1])
+    d = SQLiteDetectionStore(tmp_path / "d.sqlite")
+    config = DetectionConfig(queue_events=50, baselines=BaselineConfig(enabled=False))
+    engine = DetectionEngine(store, d, config)
+    engine.start()
+    # Everything is stored first, then announced in one go: the queue takes 50 events and
+    # the rest overflows, to be read back from the store.
+    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
+            for e in events[1:]]
+    store.commit_batch(rows, [], [], [], ChainState(200, bytes(32)))
+    batches = [events[i:i + 25] for i in range(1, 200, 25)]
+    for batch in batches:
+        engine.submit(AGENT, [DecodedEvent(e.seq, b"", e, "process") for e in batch])
+    _wait(engine)
+    engine.stop()
+    assert engine.stats.overflowed_events > 0
+    assert d.overflows() and d.overflows()[0][0] == AGENT
+    decoded = [a for a in d.list_alerts(limit=10**6) if a.rule_id != "detection_queue_overflow"]
+    # Every event from seq 2 on was evaluated exactly once (seq 1 predates the engine).
+    assert sorted(e.seq for a in decoded for e in a.events) == list(range(2, 201))
+    loud = [a for a in d.list_alerts(limit=10**6) if a.rule_id == "detection_queue_overflow"]
+    assert loud and loud[0].severity == "medium" and "deferred" in loud[0].detail
+    assert d.cursors() == {AGENT: 200}
+    d.close()
+    store.close()
+
+
+def test_restart_resumes_from_the_saved_cursor(tmp_path: Path) -> None:
+    events = [_event(s, "/usr/bin/base64", "base64", "-d") for s in range(1, 11)]
+    store = _evidence(tmp_path, events[:5])
+    d = SQLiteDetectionStore(tmp_path / "d.sqlite")
+    config = DetectionConfig(baselines=BaselineConfig(enabled=False))
+    d.save_state([], {AGENT: 3})                       # evaluated up to seq 3 before
+    engine = DetectionEngine(store, d, config)
+    engine.start()
+    _wait(engine)
+    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
+            for e in events[5:]]
+    store.commit_batch(rows, [], [], [], ChainState(10, bytes(32)))
+    engine.submit(AGENT, [DecodedEvent(e.seq, b"", e, "process") for e in events[5:]])
+    _wait(engine)
+    engine.stop()
+    seqs = sorted(e.seq for a in d.list_alerts(limit=100) for e in a.events)
+    assert seqs == list(range(4, 11))
+    d.close()
+    store.close()
