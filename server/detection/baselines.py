@@ -90,6 +90,7 @@ class Baselines:
         self._values: dict[_Key, str] = {}
         self._sizes: dict[tuple[str, str], int] = {}
         self._dirty: set[_Key] = set()
+        self._burst_state: dict[str, dict[str, Any]] = {}     # serialized in dirty_rows()
         for r in rows:
             self._rows[(r.model, r.scope, r.key)] = [r.count, r.first_ns, r.last_ns]
             if r.value:
@@ -121,6 +122,8 @@ class Baselines:
     def dirty_rows(self) -> list[BaselineRow]:
         """Rows changed since the last call (to persist)."""
         out = []
+        for agent_id, state in self._burst_state.items():
+            self._values[("burst", agent_id, "")] = json.dumps(state)
         for k in self._dirty:
             c, first, last = self._rows[k]
             out.append(BaselineRow(k[0], k[1], k[2], c, first, last, self._values.get(k, "")))
@@ -277,15 +280,17 @@ class Baselines:
     def _burst(self, agent_id: str, time_ns: int, learning: bool) -> Anomaly | None:
         c = self.config
         k = ("burst", agent_id, "")
-        raw_state = self._values.get(k)
         minute = time_ns // (60 * NS)
-        state: dict[str, Any]
-        if raw_state is None:
-            state = {"minute": minute, "count": 0, "mean": 0.0, "var": 0.0, "minutes": 0,
-                     "alerted": -1}
-            self._rows[k] = [0, time_ns, time_ns]
-        else:
-            state = json.loads(raw_state)
+        state = self._burst_state.get(agent_id)
+        if state is None:
+            raw_state = self._values.get(k)
+            if raw_state is None:
+                state = {"minute": minute, "count": 0, "mean": 0.0, "var": 0.0, "minutes": 0,
+                         "alerted": -1}
+                self._rows[k] = [0, time_ns, time_ns]
+            else:
+                state = json.loads(raw_state)
+            self._burst_state[agent_id] = state
         if minute > state["minute"]:
             # Close the finished minute, and count idle minutes (up to an hour) as zero.
             closed = [state["count"]] + [0] * int(min(minute - state["minute"] - 1, 60))
@@ -314,7 +319,6 @@ class Baselines:
                 f"activity_burst:{agent_id}:{minute}",
                 {"events_in_minute": state["count"], "mean_per_minute": round(state["mean"], 2),
                  "sd_per_minute": round(sd, 2), "threshold": round(threshold, 2)})
-        self._values[k] = json.dumps(state)
         row = self._rows[k]
         row[0], row[2] = int(state["minutes"]), max(row[2], time_ns)
         self._dirty.add(k)

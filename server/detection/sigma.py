@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 PACK_DIR = Path(__file__).parent / "rules" / "sigma-linux"
 MAX_RULE_BYTES = 256 << 10
 SEVERITIES = ("informational", "low", "medium", "high", "critical")
+MEMO_ENTRIES = 65_536        # remembered verdicts (distinct field values) before starting over
 
 # A record as predicates see it: (raw text by field, lower-cased text by field).
 Facts = tuple[dict[str, str], dict[str, str]]
@@ -96,6 +97,8 @@ class CompiledRule:
     # Lower-cased executable base names one of which the event must have, or None when the
     # rule must be checked against every event of its category.
     anchors: frozenset[str] | None = None
+    # Record fields the rule reads; None when it searches every value (keywords).
+    fields: frozenset[str] | None = frozenset()
 
     def matches(self, facts: Facts) -> bool:
         return self.predicate(facts)
@@ -367,6 +370,22 @@ def _compile(node: object) -> Predicate:
     raise Unsupported(f"condition element {type(node).__name__} is not supported")
 
 
+def _fields(node: object) -> frozenset[str] | None:
+    """Record fields a condition tree reads (None: keywords read every field)."""
+    if isinstance(node, ConditionValueExpression):
+        return None
+    if isinstance(node, ConditionFieldEqualsValueExpression):
+        extra = {node.value.field} if isinstance(node.value, SigmaFieldReference) else set()
+        return frozenset({node.field} | extra)
+    out: set[str] = set()
+    for a in getattr(node, "args", ()):
+        sub = _fields(a)
+        if sub is None:
+            return None
+        out |= sub
+    return frozenset(out)
+
+
 def _anchors(node: object) -> frozenset[str] | None:
     """Executable base names (lower case) one of which any match must have, or None."""
     if isinstance(node, ConditionAND):
@@ -447,6 +466,7 @@ def compile_rule(rule: SigmaRule, source: str) -> LoadedRule:
         trees = [c.parse() for c in rule.detection.parsed_condition]
         predicate = _or([_compile(t) for t in trees])
         anchor_sets = [_anchors(t) for t in trees]
+        field_sets = [_fields(t) for t in trees]
     except Unsupported as e:
         return UnsupportedRule(info, str(e))
     except SigmaError as e:
@@ -454,7 +474,9 @@ def compile_rule(rule: SigmaRule, source: str) -> LoadedRule:
     anchors: frozenset[str] | None = None
     if all(a is not None for a in anchor_sets):
         anchors = frozenset().union(*(a for a in anchor_sets if a is not None))
-    return CompiledRule(info, predicate, anchors)
+    fields = (None if any(f is None for f in field_sets) else
+              frozenset().union(*(f for f in field_sets if f is not None)))
+    return CompiledRule(info, predicate, anchors, fields)
 
 
 def load_yaml(text: str, source: str) -> list[LoadedRule]:
@@ -526,6 +548,17 @@ class RuleIndex:
                     exe_lists.setdefault(category, {}).setdefault(name, []).append(rule)
         self._any = {c: tuple(v) for c, v in any_lists.items()}
         self._by_exe = {c: {n: tuple(v) for n, v in m.items()} for c, m in exe_lists.items()}
+        # Real fleets launch the same commands over and over: the verdicts for a category
+        # depend only on the fields its rules read, so they are memoized on those values
+        # (not for categories with keyword rules, which read every value).
+        self._memo_fields: dict[str, tuple[str, ...]] = {}
+        for category in set(self._any) | set(self._by_exe):
+            rules_here = [r for r in self.rules if r.info.category == category]
+            if all(r.fields is not None for r in rules_here):
+                self._memo_fields[category] = tuple(sorted(frozenset().union(
+                    *(r.fields for r in rules_here if r.fields is not None))))
+        self._memo: dict[tuple[object, ...], list[CompiledRule]] = {}
+        self.memo_hits = self.memo_misses = 0
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -542,4 +575,18 @@ class RuleIndex:
         return always + anchored if anchored else always
 
     def match(self, category: str, facts: Facts) -> list[CompiledRule]:
-        return [r for r in self.candidates(category, facts) if r.predicate(facts)]
+        fields = self._memo_fields.get(category)
+        if fields is None:
+            return [r for r in self.candidates(category, facts) if r.predicate(facts)]
+        raw = facts[0]
+        key = (category, *[raw.get(f) for f in fields])
+        hit = self._memo.get(key)
+        if hit is not None:
+            self.memo_hits += 1
+            return hit
+        self.memo_misses += 1
+        result = [r for r in self.candidates(category, facts) if r.predicate(facts)]
+        if len(self._memo) >= MEMO_ENTRIES:
+            self._memo.clear()
+        self._memo[key] = result
+        return result
