@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from proto import ringfence_pb2 as pb  # noqa: E402
+from proto import ringfence_pb2 as pb
 
 ATTACK_EVERY = 500
 BATCH = 1000
@@ -166,9 +166,9 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
 def _enroll(data: Path, base: Path, n: int, tag: str) -> list[tuple[str, bytes, bytes, bytes]]:
     from agent.enroll import enroll_agent
     from agent.state import AgentPaths
+    from collector.store.sqlite import SQLiteStore
     from server.fleet import create_token
     from server.pki import ServerPaths
-    from collector.store.sqlite import SQLiteStore
 
     paths = ServerPaths(data)
     ports = json.loads((data / "run" / "server.json").read_text())
