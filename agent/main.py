@@ -20,6 +20,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from agent.logs import LOG_FORMATS, configure_logging
 from agent.rpc import TransportError
 from agent.state import AgentPaths, Enrollment, StateError
 
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_VersionAction,
                         help="show version and build information and exit")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text (default) or json (one object per line, for log shippers)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -190,8 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose, args.log_format)
     try:
         return int(args.func(args))
     except TransportError as e:

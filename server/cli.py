@@ -33,6 +33,9 @@ from server.fleet import TOKEN_ID_HEX, token_id
 from server.fleet import parse_duration
 from server.pki import CertificateAuthority, Identity, PKIError, ServerPaths
 from server.rpc import AdminClient, ClientError, ServerAddress
+from server import cli_ux
+from server.cli_ux import EXIT_EPILOG, print_table
+from agent.logs import LOG_FORMATS, configure_logging
 from server.detection import DetectionError
 from server import cli_scale
 from server.storage import StorageConfigError, open_server_store
@@ -40,12 +43,25 @@ from server.cli_packaging import register as register_packaging_commands
 
 logger = logging.getLogger("ringfence")
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = cli_ux.EXIT_OK, cli_ux.EXIT_FAIL, cli_ux.EXIT_USAGE
 FINAL = frozenset({"succeeded", "failed", "rejected", "expired"})
 
 
 class CLIError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
+
+
+class ServerNotRunning(CLIError):
+    """No running server was found for a data directory (exit status 3)."""
+
+
+def version_text() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"ringfence {version('ringfence')}"
+    except PackageNotFoundError:
+        return "ringfence (source tree, not installed)"
 
 
 def parse_time(text: str | None) -> int:
@@ -83,6 +99,11 @@ def cmd_server_init(args: argparse.Namespace) -> int:
     identity = init_server(Path(args.data_dir), args.address or [],
                            collector_port=args.collector_port, enroll_port=args.enroll_port)
     paths = ServerPaths(Path(args.data_dir))
+    if args.json:
+        _print_json({"data_dir": str(args.data_dir), "ca_certificate": str(paths.ca_cert),
+                     "signing_public_key": str(paths.signing_public),
+                     "admin_identity": str(identity)})
+        return EXIT_OK
     print(f"fleet initialized in {args.data_dir}")
     print(f"  CA certificate (give to agents): {paths.ca_cert}")
     print(f"  server signing key (public):     {paths.signing_public}")
@@ -158,6 +179,10 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         token = create_token(store, uses=args.uses, ttl_s=ttl)
     finally:
         store.close()
+    if args.json:
+        _print_json({"token": token, "token_id": token_id(token), "uses": args.uses,
+                     "ttl_s": ttl})
+        return EXIT_OK
     # stdout carries only the token (scripts capture it); the id to revoke it by goes to stderr.
     print(token)
     print(f"token id {token_id(token)} (revoke with `ringfence token revoke {token_id(token)}`)",
@@ -177,6 +202,9 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
         raise CLIError(f"{e}; nothing was revoked") from e
     finally:
         store.close()
+    if args.json:
+        _print_json({"token_id": revoked, "revoked": True})
+        return EXIT_OK
     print(f"token {revoked} revoked: it can no longer enroll agents")
     return EXIT_OK
 
@@ -184,6 +212,10 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 def cmd_agent_revoke(args: argparse.Namespace) -> int:
     with _client(args) as client:
         response = client.revoke_agent(args.host, args.reason)
+    if args.json:
+        _print_json({"agent_id": response.agent_id, "revoked": True,
+                     "session_closed": response.session_closed})
+        return EXIT_OK
     print(f"agent {response.agent_id} revoked: its certificate is refused from now on"
           + ("; its live session was closed" if response.session_closed else ""))
     return EXIT_OK
@@ -197,6 +229,9 @@ def cmd_responder_create(args: argparse.Namespace) -> int:
                                 args.role)
     finally:
         store.close()
+    if args.json:
+        _print_json({"name": args.name, "role": args.role, "identity": str(path)})
+        return EXIT_OK
     print(f"responder {args.name} ({args.role}) identity: {path}")
     return EXIT_OK
 
@@ -215,7 +250,7 @@ def _client(args: argparse.Namespace) -> AdminClient:
         try:
             target = json.loads(run.read_text())["admin"]
         except FileNotFoundError as e:
-            raise CLIError(f"no running server found for {paths.root}: start it with "
+            raise ServerNotRunning(f"no running server found for {paths.root}: start it with "
                            f"`ringfence server run --data-dir {paths.root}`") from e
         identity = Identity.from_pem(Path(args.identity or
                                           paths.responder_identity("admin")).read_bytes())
@@ -253,13 +288,15 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     if not hosts:
         print("no hosts enrolled yet: `ringfence token create`, then `ringfence-agent enroll`")
         return EXIT_OK
-    print(f"{'HOSTNAME':<20} {'AGENT ID':<36} {'STATE':<8} {'LAST SEEN':<19} {'SEQ':>8} "
-          f"{'ISOLATION':<10} {'ALERTS':>6} INTEGRITY")
-    for h in hosts:
-        print(f"{h.hostname[:20]:<20} {h.agent_id:<36} {'online' if h.online else 'offline':<8} "
-              f"{fmt_time(h.last_seen_ns):<19} {h.last_seq:>8} {h.isolation_state or 'none':<10} "
-              f"{h.open_alerts:>6} {h.integrity_alerts or 'ok'}")
+    print_table(["HOSTNAME", "AGENT ID", "STATE", "LAST SEEN (UTC)", "SEQ", "ISOLATION",
+                 "ALERTS", "INTEGRITY"],
+                [(h.hostname, h.agent_id, "online" if h.online else "offline",
+                  fmt_time(h.last_seen_ns), h.last_seq, h.isolation_state or "none",
+                  h.open_alerts, h.integrity_alerts or "ok") for h in hosts])
     return EXIT_OK
+
+
+FOLLOW_POLL_S = 1.0
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -269,18 +306,73 @@ def cmd_events(args: argparse.Namespace) -> int:
     fmt = "jsonl" if args.json and args.format == "text" else args.format
     render: Callable[[pb.Event, str], dict[str, Any]] = {
         "ocsf": to_ocsf, "timesketch": to_timesketch}.get(fmt, to_jsonl)
+    writer = cli_ux.CSVEvents(sys.stdout) if fmt == "csv" else None
+
+    def emit(stored: pb.StoredEvent) -> None:
+        event = parse_event(stored.event)
+        if fmt == "text":
+            print(f"{fmt_time(event.time_ns)} #{stored.seq:<7} "
+                  f"{event.WhichOneof('body') or '?':<11} {summary(event)}", flush=args.follow)
+        elif writer is not None:
+            writer.write(event, stored.agent_id, stored.chain_hash)
+        else:
+            row = render(event, stored.agent_id)
+            if fmt == "jsonl":
+                row = {**row, "chain_hash": stored.chain_hash}
+            print(json.dumps(row, sort_keys=True), flush=args.follow)
+
+    last = 0
     with _client(args) as client:
         for stored in client.query_events(request):
-            event = parse_event(stored.event)
-            if fmt == "text":
-                print(f"{fmt_time(event.time_ns)} #{stored.seq:<7} "
-                      f"{event.WhichOneof('body') or '?':<11} {summary(event)}")
-            else:
-                row = render(event, stored.agent_id)
-                if fmt == "jsonl":
-                    row = {**row, "chain_hash": stored.chain_hash}
-                print(json.dumps(row, sort_keys=True))
+            emit(stored)
+            last = max(last, stored.seq)
+        if not args.follow:
+            return EXIT_OK
+        # Follow: poll for events after the last one shown, until Ctrl-C or --follow-timeout.
+        deadline = time.monotonic() + args.follow_timeout if args.follow_timeout else None
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(FOLLOW_POLL_S)
+            request = pb.QueryEventsRequest(host=args.host, kind=args.kind or "",
+                                            limit=args.limit, after_seq=last)
+            for stored in client.query_events(request):
+                emit(stored)
+                last = max(last, stored.seq)
     return EXIT_OK
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    """All of a host's events in a time range as a Timesketch JSONL import file."""
+    out = Path(args.output)
+    tmp = out.with_name(out.name + ".partial")
+    count = 0
+    last = 0
+    since, until = parse_time(args.since), parse_time(args.until)
+    with _client(args) as client, tmp.open("w", encoding="utf-8") as f, \
+            cli_ux.status_spinner(f"exporting {args.host}", not args.json) as update:
+        while True:  # pages of at most PAGE events, bounded by the host's stored history
+            page = 0
+            for stored in client.query_events(pb.QueryEventsRequest(
+                    host=args.host, since_ns=since, until_ns=until, limit=TIMELINE_PAGE,
+                    after_seq=last)):
+                f.write(cli_ux.timesketch_line(parse_event(stored.event), stored.agent_id,
+                                               stored.chain_hash) + "\n")
+                last = stored.seq
+                page += 1
+            count += page
+            update(f"{count} events")
+            if page < TIMELINE_PAGE:
+                break
+    tmp.replace(out)
+    if args.json:
+        _print_json({"host": args.host, "output": str(out), "events": count,
+                     "format": "timesketch-jsonl"})
+    else:
+        print(f"{count} events of {args.host} written to {out} (Timesketch JSONL: import with "
+              f"`timesketch_importer` or the web upload)")
+    return EXIT_OK
+
+
+TIMELINE_PAGE = 10_000
 
 
 def cmd_integrity(args: argparse.Namespace) -> int:
@@ -293,8 +385,9 @@ def cmd_integrity(args: argparse.Namespace) -> int:
     elif not rows:
         print("no integrity alerts: every stored event verified against the agent's chain")
     else:
-        for r in rows:
-            print(f"{r['time']}  {r['kind']:<20} seq {r['seq']:<8} {r['detail']}")
+        print_table(["TIME (UTC)", "AGENT", "KIND", "SEQ", "DETAIL"],
+                    [(r["time"], r["agent_id"], r["kind"], r["seq"], r["detail"])
+                     for r in rows])
     return EXIT_OK
 
 
@@ -324,9 +417,13 @@ def _parse_allow(text: str) -> pb.AllowRule:
 
 def _wait(client: AdminClient, status: pb.CommandStatus, timeout_s: float) -> pb.CommandStatus:
     deadline = time.monotonic() + timeout_s
-    while status.status not in FINAL and time.monotonic() < deadline:
-        time.sleep(0.1)
-        status = client.get_command(status.command_id)
+    with cli_ux.status_spinner(f"{status.action} {status.agent_id[:8]}") as update:
+        while status.status not in FINAL and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status = client.get_command(status.command_id)
+            detail = json.loads(status.detail_json or "{}")
+            done = detail.get("files_done") if isinstance(detail, dict) else None
+            update(status.status + (f", {done} files" if done is not None else ""))
     return status
 
 
@@ -397,21 +494,30 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
     with _client(args) as client:
         chunks = client.create_bundle(request)
         handle = None
+        size = 0
         try:
-            for chunk in chunks:
-                if handle is None:
-                    bundle_id = chunk.bundle_id
-                    out = out or Path(f"ringfence-bundle-{bundle_id}.zip")
-                    tmp = out.with_name(out.name + ".partial")
-                    handle = tmp.open("wb")
-                handle.write(chunk.data)
+            with cli_ux.byte_progress("downloading bundle", enabled=not args.json) as progress:
+                for chunk in chunks:
+                    if handle is None:
+                        bundle_id = chunk.bundle_id
+                        out = out or Path(f"ringfence-bundle-{bundle_id}.zip")
+                        tmp = out.with_name(out.name + ".partial")
+                        handle = tmp.open("wb")
+                    handle.write(chunk.data)
+                    size += len(chunk.data)
+                    progress.advance(len(chunk.data))
         finally:
             if handle is not None:
                 handle.close()
     if tmp is None or out is None:
-        raise CLIError("the server sent no bundle data")
+        raise CLIError("the server sent no bundle data; check the server log")
     tmp.replace(out)
-    print(f"bundle {bundle_id} written to {out}")
+    if args.json:
+        _print_json({"bundle_id": bundle_id, "output": str(out), "bytes": size,
+                     "case_id": args.case})
+        return EXIT_OK
+    print(f"bundle {bundle_id} written to {out} ({size} bytes); verify it with "
+          f"`ringfence bundle verify {out}`")
     return EXIT_OK
 
 
@@ -480,7 +586,12 @@ def cmd_agent_key(args: argparse.Namespace) -> int:
         agent = store.find_agent(args.host)
     finally:
         store.close()
-    sys.stdout.write(public_key_pem(public_key_from_bytes(agent.identity_key)).decode())
+    pem = public_key_pem(public_key_from_bytes(agent.identity_key)).decode()
+    if args.json:
+        _print_json({"agent_id": agent.agent_id, "hostname": agent.hostname,
+                     "public_key_pem": pem})
+        return EXIT_OK
+    sys.stdout.write(pem)
     return EXIT_OK
 
 
@@ -500,9 +611,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         _print_json({"verified": response.verified, "verify_error": response.verify_error,
                      "records": rows})
     else:
-        for r in rows:
-            print(f"{r['seq']:>5} {r['time']} {r['actor']}({r['role']}) {r['action']} "
-                  f"{r['target']} [{r['outcome']}] {r['reason']}")
+        print_table(["SEQ", "TIME (UTC)", "ACTOR", "ROLE", "ACTION", "TARGET", "OUTCOME",
+                     "REASON"],
+                    [(r["seq"], r["time"], r["actor"], r["role"], r["action"], r["target"],
+                      r["outcome"], r["reason"]) for r in rows])
         print("chain: " + ("verified" if response.verified else
                            f"BROKEN - {response.verify_error}"))
     return EXIT_OK
@@ -519,8 +631,12 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringfence", description=(
-        "ringfence: forensics and isolation for Linux fleets (server and responder CLI)"))
+        "ringfence: forensics and isolation for Linux fleets (server and responder CLI)"),
+        epilog=EXIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text (default) or json (one object per line, for log shippers)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     server = sub.add_parser("server", help="set up and run the server").add_subparsers(
@@ -532,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "localhost and 127.0.0.1)")
     p.add_argument("--collector-port", type=int, default=8443)
     p.add_argument("--enroll-port", type=int, default=8442)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_server_init)
     p = server.add_parser("run", help="run the enrollment, collector and admin listeners")
     p.add_argument("--data-dir", required=True)
@@ -565,10 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--uses", type=int, default=1)
     p.add_argument("--ttl", default="24h", help="lifetime, e.g. 30m, 24h, 7d")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_token_create)
     p = token.add_parser("revoke", help="revoke an enrollment token so it enrolls no more agents")
     p.add_argument("token", help="the token itself, or its id (hex, as printed at creation)")
     p.add_argument("--data-dir", required=True)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_token_revoke)
 
     responder = sub.add_parser("responder", help="responder identities").add_subparsers(
@@ -577,6 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--role", required=True, choices=["viewer", "responder", "admin"])
     p.add_argument("--data-dir", required=True)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_responder_create)
 
     agent = sub.add_parser("agent", help="agent records").add_subparsers(
@@ -584,10 +704,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = agent.add_parser("key", help="print an agent's evidence-signing public key (PEM)")
     p.add_argument("host")
     p.add_argument("--data-dir", required=True)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_agent_key)
     p = agent.add_parser("revoke", help="revoke an agent: refuse its certificate, end its session")
     p.add_argument("host", help="agent id or hostname")
     p.add_argument("--reason", required=True)
+    p.add_argument("--json", action="store_true")
     _add_connection(p)
     p.set_defaults(func=cmd_agent_revoke)
 
@@ -606,8 +728,26 @@ def build_parser() -> argparse.ArgumentParser:
                                       "command", "triage", "response"])
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--format", default="text", choices=["text", "jsonl", "ocsf", "timesketch"])
+    p.add_argument("--format", default="text",
+                   choices=["text", "jsonl", "ocsf", "timesketch", "csv"])
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing new events as they arrive (Ctrl-C to stop)")
+    p.add_argument("--follow-timeout", type=float, default=0,
+                   help="stop following after this many seconds (default: never)")
     p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("timeline", help="export a host's events as a Timesketch JSONL file")
+    p.add_argument("host", help="agent id or hostname")
+    p.add_argument("-o", "--output", required=True, help="FILE.jsonl to write")
+    p.add_argument("--since", help="15m, 2h, ISO 8601 or epoch seconds")
+    p.add_argument("--until")
+    p.add_argument("--json", action="store_true")
+    _add_connection(p)
+    p.set_defaults(func=cmd_timeline)
+
+    p = sub.add_parser("completion", help="print a shell completion script")
+    p.add_argument("shell", choices=["bash"])
+    p.set_defaults(func=lambda a: print(cli_ux.bash_completion(build_parser())) or EXIT_OK)
 
     p = sub.add_parser("integrity", help="integrity alerts of a host (or all hosts)")
     p.add_argument("host", nargs="?", default="")
@@ -669,6 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-files", action="store_true")
     p.add_argument("--reason")
     p.add_argument("-o", "--output")
+    p.add_argument("--json", action="store_true")
     _add_connection(p)
     p.set_defaults(func=cmd_bundle_create)
     p = bundle.add_parser("verify", help="verify a bundle offline against pinned keys")
@@ -697,10 +838,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose, args.log_format)
     try:
         return int(args.func(args))
+    except ClientError as e:
+        print(f"ringfence: {e}", file=sys.stderr)
+        return cli_ux.exit_code_for(e.code)
+    except ServerNotRunning as e:
+        print(f"ringfence: {e}", file=sys.stderr)
+        return cli_ux.EXIT_UNREACHABLE
     except DetectionError as e:
         print(f"ringfence: {e}", file=sys.stderr)
         return EXIT_FAIL
@@ -710,9 +856,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAIL
     except FileNotFoundError as e:
         print(f"ringfence: {e.filename}: no such file", file=sys.stderr)
-        return EXIT_FAIL
+        return cli_ux.EXIT_NOT_FOUND
     except KeyboardInterrupt:
-        return 130
+        return cli_ux.EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

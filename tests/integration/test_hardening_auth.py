@@ -162,6 +162,8 @@ RPCS: dict[str, tuple[str, Call]] = {
     "ListAudit": ("list_audit", lambda s, h: s.ListAudit(pb.ListAuditRequest(), timeout=10)),
     "RevokeAgent": ("revoke_agent", lambda s, h: s.RevokeAgent(
         pb.RevokeAgentRequest(host=h, reason="rbac matrix"), timeout=10)),
+    "CreateConsoleLogin": ("console_login", lambda s, h: s.CreateConsoleLogin(
+        pb.CreateConsoleLoginRequest(), timeout=10)),
 }
 
 
@@ -180,7 +182,7 @@ def test_rbac_matrix_every_admin_rpc_and_role_is_enforced_and_audited(tmp_path: 
     # Every RPC of the Admin service is in the matrix: a new RPC must be added here.
     assert sorted(m.name for m in service.methods) == sorted(RPCS)
     assert {action for action, _ in RPCS.values()} == set(REQUIRED_ROLE)
-    with running_fleet(tmp_path) as fleet:
+    with running_fleet(tmp_path, console="127.0.0.1:0") as fleet:
         ca = CertificateAuthority.load(fleet.paths)
         for role in ("viewer", "responder"):
             create_responder(fleet.store, fleet.paths, ca, f"rbac-{role}", role)

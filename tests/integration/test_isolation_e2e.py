@@ -418,7 +418,7 @@ def test_policy_that_blocks_the_collector_is_rolled_back(tmp_path: Path) -> None
         identity = created.rsplit("identity: ", 1)[1].strip()
         denied = lab.admin("release", lab.agent_id, "--reason", "e2e: not allowed",
                            "--identity", identity, check=False)
-        assert denied.returncode == 1 and "responder" in denied.stderr, denied.stderr
+        assert denied.returncode == 5 and "responder" in denied.stderr, denied.stderr
         audit = json.loads(lab.admin("audit", "--json").stdout)["records"]
         rows = [(r["actor"], r["action"], r["target"], r["reason"], r["outcome"]) for r in audit]
         assert ("admin", "isolate", lab.agent_id, "e2e: bad policy",
