@@ -33,6 +33,10 @@ from isolation.lab import CONNECT, ECHO_SERVER, python_argv, topology
 from proto import ringfence_pb2 as pb
 from tests.integration.fleet import BIN, REPO, cli, running_fleet, wait_for
 
+# pytest-timeout counts fixture set-up, and whichever test runs first pays for `make package`
+# (minutes on two shared cores); each step inside the tests is bounded by its own timeout.
+pytestmark = pytest.mark.timeout(1500)
+
 VERSION = "0.1.0"
 AGENT_DEB = f"ringfence-agent_{VERSION}_amd64.deb"
 SERVER_DEB = f"ringfence-server_{VERSION}_amd64.deb"
@@ -388,7 +392,6 @@ def test_install_enrolls_upgrade_keeps_state_remove_keeps_purge_deletes(
 @pytest.mark.root
 @pytest.mark.netns
 @pytest.mark.nftables
-@pytest.mark.timeout(240)
 def test_binary_agent_isolates_reapplies_at_boot_and_releases(dist: Path, tmp_path: Path) -> None:
     binary = clean_binary(dist, tmp_path)
     data, state = tmp_path / "server", tmp_path / "agent"
