@@ -23,7 +23,7 @@ ROLES = ("viewer", "responder", "admin")
 def fmt_time(ns: int) -> str:
     if not ns:
         return "-"
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).strftime(
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).strftime(
         "%Y-%m-%d %H:%M:%S")
 
 

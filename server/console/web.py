@@ -48,9 +48,9 @@ DETAIL_WINDOW = 5000          # events back from the head the host page looks at
 STATIC = {"console.css": "text/css; charset=utf-8",
           "console.js": "text/javascript; charset=utf-8"}
 SECURITY_HEADERS = [
-    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; "
-                                "img-src 'self'; connect-src 'self'; form-action 'self'; "
-                                "frame-ancestors 'none'; base-uri 'none'"),
+    ("Content-Security-Policy", ("default-src 'none'; script-src 'self'; style-src 'self'; "
+                                 "img-src 'self'; connect-src 'self'; form-action 'self'; "
+                                 "frame-ancestors 'none'; base-uri 'none'")),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
     # same-origin, not no-referrer: with no-referrer Chromium sends `Origin: null` on form
@@ -275,8 +275,8 @@ class ConsoleApp:
     def logout(self, request: Request) -> Response:
         session, _ = self._post_session(request)
         self._auth.logout(session.session_id)
-        return self._redirect("/", [("Set-Cookie", f"{COOKIE}=; Path=/; HttpOnly; "
-                                                   "SameSite=Strict; Max-Age=0")])
+        expired = f"{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
+        return self._redirect("/", [("Set-Cookie", expired)])
 
     # -- pages ----------------------------------------------------------------------------------
     def fleet(self, request: Request) -> Response:
@@ -336,7 +336,7 @@ class ConsoleApp:
                           reason=reason, policy=policy)
 
     def isolation_action(self, request: Request, host: str, action: str) -> Response:
-        session, actor = self._post_session(request)
+        _, actor = self._post_session(request)
         reason = request.field("reason")
         if request.field("confirm") != "yes":
             raise InvalidRequest(f"{action} must be confirmed on the confirmation page")
@@ -347,18 +347,18 @@ class ConsoleApp:
         return self._redirect(f"/hosts/{row.agent_id}?notice={action}&command={row.command_id}")
 
     def collect(self, request: Request, host: str) -> Response:
-        session, actor = self._post_session(request)
+        _, actor = self._post_session(request)
         paths = [p.strip() for p in request.field("paths").splitlines() if p.strip()]
         row = self._admin.collect(actor, host, paths, request.field("reason"))
         return self._redirect(f"/hosts/{row.agent_id}?notice=collect&command={row.command_id}")
 
     def triage(self, request: Request, host: str) -> Response:
-        session, actor = self._post_session(request)
+        _, actor = self._post_session(request)
         row = self._admin.triage(actor, host, request.field("reason"))
         return self._redirect(f"/hosts/{row.agent_id}?notice=triage&command={row.command_id}")
 
     def bundle(self, request: Request, host: str) -> Response:
-        session, actor = self._post_session(request)
+        _, actor = self._post_session(request)
         if self._bundles is None:
             raise HTTPError(503, "bundles are not available on this server")
         path, built = self._bundles.create(actor, pb.CreateBundleRequest(

@@ -122,8 +122,9 @@ def test_version_usage_logs_and_completion(tmp_path: Path) -> None:
     assert "complete -o default -F _ringfence ringfence" in script
     completed = subprocess.run(
         ["bash", "-c", script + '\nCOMP_WORDS=(ringfence events x --fo); COMP_CWORD=3; '
-         '_ringfence; echo "${COMPREPLY[@]}"'], capture_output=True, text=True, timeout=30)
+         '_ringfence; echo "${COMPREPLY[@]}"'], capture_output=True, text=True, timeout=30, check=False)
     assert completed.stdout.split() == ["--follow", "--follow-timeout", "--format"]
     agent_version = subprocess.run([str(BIN / "ringfence-agent"), "--log-format", "json",
-                                    "--version"], capture_output=True, text=True, timeout=60)
+                                    "--version"], capture_output=True, text=True, timeout=60,
+                                   check=False)
     assert agent_version.returncode == 0 and "ringfence-agent" in agent_version.stdout
