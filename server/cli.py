@@ -25,7 +25,7 @@ from evidence.bundle import TrustSet, report_to_dicts, verify_bundle
 from evidence.errors import BundleVerificationError, EvidenceError
 from evidence.keys import load_public_key, public_key_from_bytes
 from proto import ringfence_pb2 as pb
-from server.admin import verify_audit, InvalidRequest
+from server.admin import InvalidRequest
 from server.codec import ProtoEventCodec, parse_event
 from server.export import summary, to_jsonl, to_ocsf, to_timesketch
 from server.fleet import FleetError, create_responder, create_token, init_server, load_config

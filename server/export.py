@@ -357,7 +357,4 @@ def summary(event: pb.Event) -> str:
     if kind == "response":
         r = event.response
         return f"response {r.action} {r.target} {r.outcome} ({r.command_id[:12]})"
-    if kind == "response":
-        r = event.response
-        return f"response {r.action} {r.target} {r.outcome} ({r.command_id[:12]})"
     return ""

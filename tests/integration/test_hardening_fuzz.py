@@ -119,7 +119,7 @@ def test_decode_batch_survives_100k_mutated_events() -> None:
             accepted += 1
         except IngestError:
             refused += 1
-        except Exception as e:  # the assertion names what escaped, with seed and index
+        except Exception as e:  # noqa: BLE001 - name what escaped, with seed and index
             pytest.fail(f"seed {SEED} message {i}: {type(e).__name__}: {e}")
     # The generator is useful only if it exercises both sides.
     assert accepted > 5_000 and refused > 50_000, (accepted, refused)
@@ -172,7 +172,7 @@ def test_ingestor_and_session_dispatch_survive_mutated_messages(tmp_path: Path) 
                     raw = _mutate(rng, raw)
                 try:
                     message = pb.AgentMessage.FromString(raw)
-                except Exception:
+                except Exception:  # noqa: BLE001 - any refusal of gRPC's decoder
                     # gRPC's deserializer refuses these before our code runs.
                     outcomes["undecodable"] = outcomes.get("undecodable", 0) + 1
                     continue
@@ -184,7 +184,7 @@ def test_ingestor_and_session_dispatch_survive_mutated_messages(tmp_path: Path) 
             outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
         except StoreError as e:
             pytest.fail(f"seed {SEED + 1} message {i}: store error {e}")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - name what escaped, with seed and index
             pytest.fail(f"seed {SEED + 1} message {i}: {type(e).__name__}: {e}")
     assert outcomes.get("ok", 0) > 1000 and outcomes.get("MalformedBatch", 0) > 1000, outcomes
     # Each stored chain is still a chain: it ends at the head it reports, and every stored
