@@ -76,6 +76,10 @@ class Containment:
         self._link = link
         self._require_case = require_case
 
+    def authorize(self, actor: Actor, action: str, host: str, reason: str) -> None:
+        """Check the actor's role for `action` (audited when denied) before any validation."""
+        self._admin.authorize(actor, action, host, reason)
+
     def _issue(self, actor: Actor, action: str, host: str, reason: str,
                params: dict[str, object], case_id: str) -> CommandRow:
         if case_id and self._require_case is not None:

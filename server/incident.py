@@ -47,6 +47,11 @@ class Incident:
     def contain(self, actor: Actor, request: pb.ContainRequest) -> CommandRow:
         c, host, reason, case = self.containment, request.host, request.reason, request.case_id
         which = request.WhichOneof("action")
+        if which is None:
+            raise InvalidRequest("name a containment action (kill, quarantine, block, ...)")
+        # The role decides before anything about the request is examined: a viewer learns
+        # "permission denied", never which of its arguments were wrong.
+        c.authorize(actor, which, host, reason)
         if which == "kill":
             k = request.kill
             return c.kill(actor, host, reason, KillSpec(k.pid, k.tree, k.start_time_ns, k.exe),
