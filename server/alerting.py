@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -57,6 +58,7 @@ class AlertHub:
 
     def __init__(self) -> None:
         self._sinks: list[AlertSink] = []
+        self._lookup: Callable[[str], AlertNotice | None] | None = None
         self._recent: OrderedDict[str, AlertNotice] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -64,9 +66,16 @@ class AlertHub:
         with self._lock:
             self._sinks.append(sink)
 
+    def set_lookup(self, lookup: Callable[[str], AlertNotice | None]) -> None:
+        """Where to find alerts older than the recent index (e.g. the detection store)."""
+        self._lookup = lookup
+
     def find(self, alert_id: str) -> AlertNotice | None:
         with self._lock:
-            return self._recent.get(alert_id)
+            notice = self._recent.get(alert_id)
+        if notice is None and self._lookup is not None:
+            notice = self._lookup(alert_id)
+        return notice
 
     def alert_raised(self, alert: AlertNotice) -> None:
         with self._lock:

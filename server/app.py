@@ -32,7 +32,8 @@ from server.control import BlobStore, ControlPlane
 from server.detection.engine import DetectionConfig
 from server.detection.service import DetectionAdmin, DetectionRuntime
 from server.fleet import Enrollment, load_config
-from server.incident import build_incident
+from server.alert_bridge import AlertBridge, alert_lookup
+from server.incident import Incident, build_incident
 from server.metrics import MeteredControlPlane, ServerMetrics
 from server.pki import CertificateAuthority, ServerPaths
 from server.rpc import AdminService, EnrollmentService
@@ -68,6 +69,7 @@ class RunningServer:
     console: ConsoleServer | None = None
     metrics: ServerMetrics | None = None
     detection: DetectionRuntime | None = None
+    incident: Incident | None = None
 
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         if self.console is not None:
@@ -77,6 +79,8 @@ class RunningServer:
             e.wait(grace_s + 1)
         if self.detection is not None:
             self.detection.stop()
+        if self.incident is not None:
+            self.incident.stop()
         self.store.close()
         self.stopped.set()
 
@@ -135,6 +139,8 @@ def start(config: RunConfig) -> RunningServer:
     pb_grpc.add_CollectorServicer_to_server(
         CollectorService(store, node.control_plane(control), registry), collector_server)
     incident = build_incident(admin, store, paths)
+    detection.engine.add_alert_listener(AlertBridge(incident.alerts, store))
+    incident.alerts.set_lookup(alert_lookup(detection.dstore, store))
     bundles = BundleService(store, admin, paths, signing_key, incident.cases)
     console: ConsoleServer | None = None
     issuer: LoginIssuer | None = None
@@ -162,4 +168,4 @@ def start(config: RunConfig) -> RunningServer:
     logger.info("ringfence server listening: enroll %s, collector %s, admin %s, console %s",
                 ports["enroll"], ports["collector"], ports["admin"], ports.get("console", "off"))
     return RunningServer(ports, (enroll_server, collector_server, admin_server), store,
-                         stopped, console, metrics, detection)
+                         stopped, console, metrics, detection, incident)

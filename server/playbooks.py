@@ -48,7 +48,8 @@ class Playbook:
     def matches(self, alert: AlertNotice) -> bool:
         if not self.enabled or severity_rank(alert.severity) < severity_rank(self.min_severity):
             return False
-        if self.rules and alert.rule not in self.rules:
+        # Rules are named by id or by title, whichever the operator wrote.
+        if self.rules and alert.rule not in self.rules and alert.title not in self.rules:
             return False
         return _matches_any(self.hosts, alert)
 
@@ -153,8 +154,8 @@ class PlaybookEngine:
             if not book.matches(alert):
                 continue
             actor = Actor(f"playbook:{book.name}", "responder")
-            reason = f"playbook {book.name}: alert {alert.alert_id} ({alert.rule}, " \
-                     f"{alert.severity})"
+            named = f"{alert.title} [{alert.rule}]" if alert.title else alert.rule
+            reason = f"playbook {book.name}: alert {alert.alert_id} ({named}, {alert.severity})"
             host = alert.agent_id
             if _matches_any(self._config.never, alert):
                 self._admin.audit(actor, "playbook", host, reason,

@@ -185,7 +185,7 @@ class DetectionEngine:
         self._store = store
         self._dstore = dstore
         self.config = config
-        self._on_alerts = on_alerts
+        self._listeners: list[Callable[[list[Alert]], None]] = [on_alerts] if on_alerts else []
         self._pack: list[LoadedRule] = load_pack(config.pack_dir) if config.pack_dir else []
         self._rules_version = dstore.rules_version()
         self.evaluator = Evaluator(self._ruleset(), Baselines(config.baselines,
@@ -311,8 +311,17 @@ class DetectionEngine:
             for a in alerts:
                 logger.info("alert: %s %s on agent %s (event #%d)", a.severity, a.title,
                             a.agent_id, a.event.seq if a.event else 0)
-            if self._on_alerts is not None:
-                self._on_alerts(stored)
+            for listener in list(self._listeners):
+                try:
+                    listener(stored)
+                except Exception:
+                    # A failing reaction (notification, playbook) must not stop detection;
+                    # the alerts are stored already.
+                    logger.exception("alert listener failed; the alerts are stored")
+
+    def add_alert_listener(self, listener: Callable[[list[Alert]], None]) -> None:
+        """Call `listener` with every batch of alerts stored (new or repeated)."""
+        self._listeners.append(listener)
 
     def _catch_up(self, agent_id: str) -> None:
         """Evaluate an agent's stored events after its cursor, then return it to live."""
