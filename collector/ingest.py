@@ -30,7 +30,7 @@ from collector.store.base import (
     Store,
 )
 from evidence.chain import GENESIS_HASH, link
-from evidence.checkpoint import verify_checkpoint
+from evidence.checkpoint import Checkpoint, verify_checkpoint
 from evidence.errors import EvidenceError
 from evidence.keys import public_key_from_bytes
 from proto import ringfence_pb2 as pb
@@ -171,17 +171,23 @@ class Ingestor:
         else:
             stored_seqs = {r.seq for r in new_rows}
             new_events = [d for d in decoded if d.seq in stored_seqs]
-        checkpoint_rows = self._checkpoints(agent, checkpoints, heads, alert)
+        checkpoint_rows, anchor = self._checkpoints(agent, checkpoints, heads, alert, alerts)
+        if anchor is not None:
+            head = self._reanchor(new_rows, anchor, alert)
         chain = ChainState(last_seq, head)
         self._store.commit_batch(new_rows, fork_rows, checkpoint_rows, alerts, chain)
         return IngestResult(len(new_rows), duplicates, chain), new_events
 
     def _checkpoints(self, agent: AgentRecord, envelopes: Sequence[bytes],
-                     heads: dict[int, bytes],
-                     alert: Callable[[str, int, str], None]) -> list[CheckpointRow]:
+                     heads: dict[int, bytes], alert: Callable[[str, int, str], None],
+                     batch_alerts: Sequence[IntegrityAlertRow],
+                     ) -> tuple[list[CheckpointRow], Checkpoint | None]:
+        """Verify the batch's checkpoints; return the rows to store and, when the chain was
+        broken by an unexplained gap, the latest signed checkpoint to re-anchor it on."""
         rows: list[CheckpointRow] = []
+        anchor: Checkpoint | None = None
         if not envelopes:
-            return rows
+            return rows, anchor
         key = public_key_from_bytes(agent.identity_key)
         for envelope in envelopes:
             try:
@@ -198,8 +204,41 @@ class Ingestor:
                       "a checkpoint names a seq the collector has not stored")
                 continue
             if expected != cp.head:
+                if cp.seq in heads and self._broken_by_gap(agent.agent_id, cp.seq,
+                                                           batch_alerts):
+                    # The bytes before this point include an unexplained gap, so our head
+                    # cannot match; the agent's signature vouches for its head. Continue the
+                    # chain from it instead of failing every later checkpoint too.
+                    anchor = cp
+                    rows.append(CheckpointRow(agent.agent_id, cp.seq, cp.head, cp.time_ns,
+                                              envelope))
+                    continue
                 alert("checkpoint_mismatch", cp.seq, "the agent-signed head differs from the "
                       "head recomputed from the stored bytes")
                 continue
             rows.append(CheckpointRow(agent.agent_id, cp.seq, cp.head, cp.time_ns, envelope))
-        return rows
+        return rows, anchor
+
+    def _broken_by_gap(self, agent_id: str, seq: int,
+                       batch_alerts: Sequence[IntegrityAlertRow]) -> bool:
+        """Whether an unexplained gap at or before `seq` has not been re-anchored since."""
+        history = [*self._store.alerts(agent_id), *batch_alerts]
+        last_gap = max((a.seq for a in history if a.kind == "gap" and a.seq <= seq), default=0)
+        last_anchor = max((a.seq for a in history if a.kind == "chain_reanchored"), default=0)
+        return last_gap > last_anchor
+
+    @staticmethod
+    def _reanchor(rows: list[EventRow], anchor: Checkpoint,
+                  alert: Callable[[str, int, str], None]) -> bytes:
+        """Give the anchored event the agent-signed head and relink the events after it."""
+        head = anchor.head
+        for i, row in enumerate(rows):
+            if row.seq == anchor.seq:
+                rows[i] = row._replace(chain_hash=head)
+            elif row.seq > anchor.seq:
+                head = link(head, row.data)
+                rows[i] = row._replace(chain_hash=head)
+        alert("chain_reanchored", anchor.seq,
+              "after the unexplained gap the collector could not verify events up to this "
+              "seq; from here the chain continues from the agent-signed checkpoint head")
+        return head

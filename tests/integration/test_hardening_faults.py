@@ -31,6 +31,7 @@ from agent.state import AgentPaths, Enrollment
 from collector.store.base import StoreUnavailable
 from collector.store.sqlite import SQLiteStore
 from evidence.keys import load_private_key
+from evidence.chain import link
 from proto import ringfence_pb2 as pb
 from proto import ringfence_pb2_grpc as pb_grpc
 from proto.limits import MAX_MESSAGE_BYTES
@@ -281,14 +282,34 @@ def test_damaged_spool_delivers_intact_records_and_reports_the_loss(tmp_path: Pa
         losses = [a for a in alerts if a.kind in ("gap", "recorded_loss")]
         assert len(losses) == 1, alerts
         assert f"seq {missing[0]}..{missing[-1]}" in losses[0].detail, (missing, losses)
-        # Known limitation (see docs/operations.md): a record lost from the *middle* of the
-        # spool was already linked into the agent's chain, so agent-signed checkpoints after
-        # it cannot match the collector's recomputed head; they are flagged, never hidden,
-        # and only after the gap.
+        # A record lost from the *middle* of the spool was already linked into the agent's
+        # chain, so the collector cannot verify the events between the gap and the next
+        # agent-signed checkpoint; it re-anchors the chain there (recorded as an alert) and
+        # every later checkpoint verifies again.
+        anchors = [a for a in alerts if a.kind == "chain_reanchored"]
         for a in alerts:
-            assert a.kind in ("gap", "recorded_loss", "checkpoint_mismatch"), a
+            assert a.kind in ("gap", "recorded_loss", "checkpoint_mismatch",
+                              "chain_reanchored"), a
             if a.kind == "checkpoint_mismatch":
+                # Only a checkpoint that arrived in a batch without its event, before the
+                # chain could be re-anchored, may mismatch.
                 assert damage == "flipped_bit" and a.seq > missing[-1], a
+                assert anchors and a.seq < anchors[0].seq, (a, anchors)
+        if damage == "flipped_bit":
+            assert len(anchors) == 1 and anchors[0].seq > missing[-1], alerts
+            checkpoints = fleet.store.checkpoints(enrollment.agent_id, anchors[0].seq)
+            assert checkpoints and checkpoints[0].seq == anchors[0].seq
+            # From the anchor on, the stored chain continues from the agent-signed head.
+            head = checkpoints[0].head
+            for row in fleet.store.events_by_seq(enrollment.agent_id, anchors[0].seq + 1,
+                                                 2**62):
+                head = link(head, row.data)
+                assert row.chain_hash == head, row.seq
+            last = fleet.store.checkpoints(enrollment.agent_id)[-1]
+            stored = fleet.store.stored_event(enrollment.agent_id, last.seq)
+            assert stored is not None and stored.chain_hash == last.head
+        else:
+            assert not anchors, alerts
 
 
 # -- spool full --------------------------------------------------------------------------------
