@@ -15,10 +15,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parents[3])]
 
-from jsonl_samples import AGENT, samples  # noqa: E402
+from jsonl_samples import AGENT, samples
 
-from evidence.bundle import render_line  # noqa: E402
-from server.codec import ProtoEventCodec  # noqa: E402
+from evidence.bundle import render_line
+from server.codec import ProtoEventCodec
 
 
 def main() -> None:
