@@ -15,7 +15,7 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from server.detection.records import BaselineRow
 
@@ -81,6 +81,12 @@ class Anomaly:
 _Key = tuple[str, str, str]
 
 
+class FieldSource(Protocol):
+    """An event's fields as models read them: a dict of text, or fields computed lazily."""
+
+    def get(self, name: str, default: str, /) -> str: ...
+
+
 class Baselines:
     """All models over one shared table of counters; observe() learns and judges one event."""
 
@@ -140,7 +146,7 @@ class Baselines:
             self._bump("host", agent_id, "first", time_ns)
 
     # -- judging --------------------------------------------------------------------------------
-    def observe(self, agent_id: str, category: str, raw: dict[str, str],
+    def observe(self, agent_id: str, category: str, raw: FieldSource,
                 time_ns: int) -> list[Anomaly]:
         """Judge one event against the host's baselines, then learn from it."""
         if not self.config.enabled:
@@ -157,7 +163,7 @@ class Baselines:
         self._bump("host", agent_id, "first", time_ns)
         return out
 
-    def _process(self, agent_id: str, raw: dict[str, str], time_ns: int,
+    def _process(self, agent_id: str, raw: FieldSource, time_ns: int,
                  learning: bool) -> list[Anomaly]:
         c = self.config
         out: list[Anomaly] = []
@@ -232,11 +238,12 @@ class Baselines:
                 self._bump("user_parent", scope, parent, time_ns)
         return out
 
-    def _destination(self, agent_id: str, category: str, raw: dict[str, str], time_ns: int,
+    def _destination(self, agent_id: str, category: str, raw: FieldSource,
+                     time_ns: int,
                      learning: bool) -> list[Anomaly]:
         c = self.config
         if category == "network_connection":
-            if raw.get("connection.initiated") != "true":
+            if raw.get("connection.initiated", "") != "true":
                 return []
             dest = raw.get("dst_endpoint.ip", "")
             try:

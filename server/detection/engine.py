@@ -25,19 +25,25 @@ from google.protobuf.message import DecodeError
 from collector.ingest import DecodedEvent
 from collector.store.base import Store, StoreError
 from proto import ringfence_pb2 as pb
-from server.detection import DetectionError, RuleError
+from server.detection import DetectionError
 from server.detection.baselines import BaselineConfig, Baselines
-from server.detection.fields import DNSCache, Observed, observe
-from server.detection.records import Alert, CustomRule, EventRef, NewAlert
+from server.detection.evaluation import (
+    Evaluation,
+    Evaluator,
+    InProcessEvaluation,
+    Item,
+    ProcessEvaluation,
+    RuleSet,
+    build_ruleset,
+)
+from server.detection.records import Alert, NewAlert
 from server.detection.sigma import (
     PACK_DIR,
     CompiledRule,
     LoadedRule,
     RuleIndex,
     UnsupportedRule,
-    facts_of,
     load_pack,
-    load_yaml,
 )
 from server.detection.store import DetectionStore
 
@@ -55,6 +61,9 @@ class DetectionConfig:
     rules_reload_s: float = 2.0          # how often the worker looks for rule changes
     flush_interval_s: float = 1.0        # how often baseline state and cursors are saved
     pack_dir: Path | None = PACK_DIR     # None: no shipped pack (custom rules only)
+    # Evaluate in a child process: it uses another core and never holds the interpreter lock
+    # that ingest needs. False evaluates on the worker thread of the server process.
+    separate_process: bool = True
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
 
     @classmethod
@@ -73,100 +82,6 @@ class DetectionConfig:
         if "pack_dir" in raw:
             raw["pack_dir"] = Path(raw["pack_dir"]) if raw["pack_dir"] else None
         return cls(baselines=baselines, **raw)
-
-
-@dataclass(frozen=True)
-class RuleSet:
-    """Rules in force: the pack and custom rules, minus the disabled ones."""
-
-    loaded: tuple[tuple[LoadedRule, bool], ...]     # (rule, disabled)
-    index: RuleIndex
-
-    def find(self, ident: str) -> LoadedRule:
-        """A rule by id, title or file name (case-insensitive); RuleError if none or several."""
-        wanted = ident.lower()
-        hits = [r for r, _ in self.loaded
-                if wanted in (r.info.rule_id.lower(), r.info.title.lower(),
-                              Path(r.info.source).name.lower(), Path(r.info.source).stem.lower())]
-        if len(hits) != 1:
-            raise RuleError(ident, "no such rule; see `ringfence rules list`" if not hits else
-                            f"{len(hits)} rules have that name; use the rule id")
-        return hits[0]
-
-
-def build_ruleset(pack: Sequence[LoadedRule], custom: Iterable[CustomRule],
-                  disabled: set[str]) -> RuleSet:
-    loaded: list[tuple[LoadedRule, bool]] = [(r, r.info.rule_id in disabled) for r in pack]
-    for c in custom:
-        try:
-            rules = load_yaml(c.yaml, f"custom:{c.rule_id}")
-        except RuleError as e:
-            logger.error("custom rule %s no longer loads: %s", c.rule_id, e.reason)
-            continue
-        loaded.extend((r, r.info.rule_id in disabled) for r in rules)
-    index = RuleIndex(r for r, off in loaded if isinstance(r, CompiledRule) and not off)
-    return RuleSet(tuple(loaded), index)
-
-
-def _tree(observed: Observed) -> str:
-    """The dedup scope of a match: the process tree (session, else parent) or the object."""
-    r = observed.record
-    if observed.category == "process_creation":
-        session = r.get("process.session_id", 0)
-        return f"sid{session}" if session else f"ppid{r.get('process.ppid', 0)}"
-    if observed.category == "network_connection":
-        return f"pid{r.get('process.pid', 0)}"
-    return str(r.get("file.path") or r.get("query.hostname") or "")
-
-
-def _what(observed: Observed) -> str:
-    r = observed.record
-    for key in ("process.cmd_line", "file.path", "dst_endpoint.hostname", "dst_endpoint.ip",
-                "query.hostname"):
-        if r.get(key):
-            text = str(r[key])
-            if key == "dst_endpoint.ip":
-                text += f":{r.get('dst_endpoint.port', '')}"
-            return text[:300]
-    return ""
-
-
-class Evaluator:
-    """Rules + baselines over single events: what the live path and hunts share."""
-
-    def __init__(self, rules: RuleSet, baselines: Baselines | None) -> None:
-        self.rules = rules
-        self.baselines = baselines
-        self._dns: dict[str, DNSCache] = {}
-
-    def evaluate(self, agent_id: str, seq: int, event: pb.Event) -> list[NewAlert]:
-        dns = self._dns.get(agent_id)
-        if dns is None:
-            dns = self._dns[agent_id] = DNSCache()
-        observed = observe(event, dns)
-        if observed is None:
-            if self.baselines is not None:
-                self.baselines.seen(agent_id, event.time_ns)
-            return []
-        facts = facts_of(observed.record)
-        out: list[NewAlert] = []
-        ref = EventRef(agent_id, seq)
-        matched = self.rules.index.match(observed.category, facts)
-        if matched:
-            tree, what = _tree(observed), _what(observed)
-            for rule in matched:
-                i = rule.info
-                out.append(NewAlert(
-                    agent_id, "sigma", i.rule_id, i.title, i.severity,
-                    f"Sigma rule \"{i.title}\" ({i.level}; by {i.author}) matched "
-                    f"{observed.category} event #{seq}: {what}",
-                    f"sigma:{i.rule_id}:{agent_id}:{tree}", ref, event.time_ns))
-        if self.baselines is not None:
-            for a in self.baselines.observe(agent_id, observed.category, facts[0],
-                                            event.time_ns):
-                out.append(NewAlert(agent_id, "baseline", a.model, a.title, a.severity,
-                                    a.detail, f"baseline:{a.dedup_key}", ref, event.time_ns))
-        return out
 
 
 @dataclass
@@ -188,8 +103,16 @@ class DetectionEngine:
         self._listeners: list[Callable[[list[Alert]], None]] = [on_alerts] if on_alerts else []
         self._pack: list[LoadedRule] = load_pack(config.pack_dir) if config.pack_dir else []
         self._rules_version = dstore.rules_version()
-        self.evaluator = Evaluator(self._ruleset(), Baselines(config.baselines,
-                                                              dstore.baselines()))
+        custom, disabled = dstore.custom_rules(), dstore.disabled_rules()
+        self._rules = build_ruleset(self._pack, custom, disabled)
+        self.evaluation: Evaluation
+        if config.separate_process:
+            self.evaluation = ProcessEvaluation(config.pack_dir, config.baselines,
+                                                self._rules, custom, disabled,
+                                                dstore.baselines)
+        else:
+            self.evaluation = InProcessEvaluation(
+                self._rules, Baselines(config.baselines, dstore.baselines()))
         self._cond = threading.Condition()
         self._queue: deque[tuple[str, list[DecodedEvent]]] = deque()
         self._queued = 0
@@ -201,20 +124,18 @@ class DetectionEngine:
         self.stats = EngineStats()
 
     # -- rules ----------------------------------------------------------------------------------
-    def _ruleset(self) -> RuleSet:
-        return build_ruleset(self._pack, self._dstore.custom_rules(),
-                             self._dstore.disabled_rules())
-
     @property
     def rules(self) -> RuleSet:
-        return self.evaluator.rules
+        return self._rules
 
     def _reload_rules(self) -> None:
         version = self._dstore.rules_version()
         if version != self._rules_version:
-            self._rules_version = version
-            self.evaluator.rules = self._ruleset()
-            logger.info("detection rules reloaded: %d in force", len(self.evaluator.rules.index))
+            custom, disabled = self._dstore.custom_rules(), self._dstore.disabled_rules()
+            rules = build_ruleset(self._pack, custom, disabled)
+            self.evaluation.set_rules(rules, custom, disabled)
+            self._rules, self._rules_version = rules, version
+            logger.info("detection rules reloaded: %d in force", len(rules.index))
 
     # -- ingest side ----------------------------------------------------------------------------
     def submit(self, agent_id: str, events: list[DecodedEvent]) -> None:
@@ -245,6 +166,8 @@ class DetectionEngine:
                 self._cursors[agent.agent_id] = last
             elif self._cursors[agent.agent_id] < last:
                 self._behind.add(agent.agent_id)
+        if isinstance(self.evaluation, ProcessEvaluation):
+            self.evaluation.start()
         self._thread = threading.Thread(target=self._run, name="detection", daemon=True)
         self._thread.start()
 
@@ -254,7 +177,10 @@ class DetectionEngine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout_s)
-        self._flush()
+        try:
+            self._flush()
+        finally:
+            self.evaluation.close()
 
     def idle(self) -> bool:
         """Nothing queued or deferred (for tests and benchmarks)."""
@@ -273,7 +199,8 @@ class DetectionEngine:
                 behind = next(iter(self._behind), None) if item is None else None
             try:
                 if item is not None:
-                    self._evaluate_batch(item[0], [(d.seq, d.event) for d in item[1]])
+                    self._evaluate_batch(item[0], [(d.seq, d.data or d.event)
+                                                   for d in item[1]])
                 elif behind is not None:
                     self._catch_up(behind)
                 now = time.monotonic()
@@ -291,19 +218,14 @@ class DetectionEngine:
                         self._behind.add(item[0])
                 self._stop.wait(1.0)
 
-    def _evaluate_batch(self, agent_id: str, events: Iterable[tuple[int, pb.Event]]) -> None:
+    def _evaluate_batch(self, agent_id: str, events: Iterable[Item]) -> None:
         cursor = self._cursors.get(agent_id, 0)
-        alerts: list[NewAlert] = []
-        evaluate = self.evaluator.evaluate
-        n = 0
-        for seq, event in events:
-            if seq <= cursor:
-                continue
-            alerts.extend(evaluate(agent_id, seq, event))
-            cursor = seq
-            n += 1
-        self._cursors[agent_id] = cursor
-        self.stats.evaluated += n
+        fresh = [(seq, e) for seq, e in events if seq > cursor]
+        if not fresh:
+            return
+        alerts = self.evaluation.evaluate(agent_id, fresh)
+        self._cursors[agent_id] = fresh[-1][0]
+        self.stats.evaluated += len(fresh)
         if alerts:
             stored = self._dstore.raise_alerts(alerts, time.time_ns(),
                                                int(self.config.dedup_window_s * NS))
@@ -330,15 +252,9 @@ class DetectionEngine:
         if cursor < last:
             rows = list(self._store.events_by_seq(agent_id, cursor + 1,
                                                   min(last, cursor + CATCH_UP_CHUNK)))
-            events = []
-            for row in rows:
-                try:
-                    events.append((row.seq, pb.Event.FromString(row.data)))
-                except DecodeError:
-                    logger.error("stored event %s #%d does not decode; skipped by detection",
-                                 agent_id, row.seq)
             before = self.stats.evaluated
-            self._evaluate_batch(agent_id, events)
+            # Events that do not decode are logged and skipped by the evaluation.
+            self._evaluate_batch(agent_id, [(row.seq, row.data) for row in rows])
             self.stats.caught_up_events += self.stats.evaluated - before
             self._cursors[agent_id] = max(self._cursors.get(agent_id, 0),
                                           min(last, cursor + CATCH_UP_CHUNK))
@@ -350,8 +266,7 @@ class DetectionEngine:
         last = self._store.chain_state(agent_id).last_seq
         if self._cursors.get(agent_id, 0) < last:
             rows = list(self._store.events_by_seq(agent_id, self._cursors[agent_id] + 1, last))
-            self._evaluate_batch(agent_id, [(r.seq, pb.Event.FromString(r.data))
-                                            for r in rows])
+            self._evaluate_batch(agent_id, [(r.seq, r.data) for r in rows])
         logger.info("detection caught up with agent %s at seq %d", agent_id,
                     self._cursors.get(agent_id, 0))
 
@@ -368,8 +283,7 @@ class DetectionEngine:
                 f"events from seq {first} were deferred and are evaluated from the store by "
                 "seq, so alerts for them come late", f"engine:overflow:{agent_id}", None, now)],
                 now, int(self.config.dedup_window_s * NS))
-        rows = self.evaluator.baselines.dirty_rows() if self.evaluator.baselines else []
-        self._dstore.save_state(rows, dict(self._cursors))
+        self._dstore.save_state(self.evaluation.dirty_rows(), dict(self._cursors))
 
 
 def hunt(store: Store, rule: CompiledRule, agent_ids: Sequence[str], since_ns: int,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 from sigma.processing.conditions import LogsourceCondition
 from sigma.processing.pipeline import ProcessingItem, ProcessingPipeline
@@ -133,61 +133,182 @@ class DNSCache:
         return self._names.get(address)
 
 
-def observe(event: pb.Event, dns: DNSCache | None = None) -> Observed | None:
-    """The detection record of an event, or None for kinds detection does not look at."""
+class Fields(dict[str, "str | None"]):
+    """The text values of one event's record fields, computed on first use and cached.
+
+    `fields[name]` is the value, or None when the event has no such field; `get` behaves
+    like a dict of the present fields. Detection reads a handful of fields per event, so
+    converting only those (not the whole protobuf message) is most of its speed.
+    """
+
+    __slots__ = ("_compute", "names")
+
+    def __init__(self, compute: Callable[[str], str | None], names: tuple[str, ...]) -> None:
+        super().__init__()
+        self._compute = compute
+        self.names = names          # every field this kind of event can have
+
+    def __missing__(self, name: str) -> str | None:
+        value = self._compute(name)
+        self[name] = value
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = self[name]
+        return default if value is None else value
+
+    def present(self) -> dict[str, str]:
+        """Every field the event has (computes them all: for keyword searches)."""
+        return {n: v for n in self.names if (v := self[n]) is not None}
+
+
+def _none(name: str) -> None:
+    return None
+
+
+def fields_of(record: Record) -> Fields:
+    """Fields of a ready-made record (tests, tools); numbers become their text."""
+    out = Fields(_none, tuple(record))
+    out.update({k: v if isinstance(v, str) else str(v) for k, v in record.items()})
+    return out
+
+
+def lowered(raw: Fields) -> Fields:
+    """The lower-cased view of `raw`, cached the same way (for case-insensitive matching)."""
+    def lower(name: str) -> str | None:
+        value = raw[name]
+        return None if value is None else value.lower()
+    return Fields(lower, raw.names)
+
+
+def _str(value: str) -> str | None:
+    return value or None
+
+
+def _num(value: int) -> str:
+    return str(value)
+
+
+def _nonzero(value: int) -> str | None:
+    return str(value) if value else None
+
+
+def _bytes(value: bytes) -> str | None:
+    return _text(value) if value else None
+
+
+def _argv(argv: Sequence[bytes]) -> str | None:
+    return " ".join([_text(a) for a in argv]) if argv else None
+
+
+def _process_name(p: pb.Process) -> str | None:
+    return p.name or (os.path.basename(_text(p.exe)) if p.exe else None)
+
+
+def _has_parent(a: pb.ProcessActivity) -> bool:
+    return bool(a.parent_process.pid or a.parent_process.exe)
+
+
+# Field -> how to compute it from the event body, per category. A field whose value is empty
+# (or, where the original record dropped zeros, zero) is absent: None.
+_Extract = Callable[[Any], "str | None"]
+_PROCESS: dict[str, _Extract] = {
+    "process.exe": lambda a: _bytes(a.process.exe),
+    "process.name": lambda a: _process_name(a.process),
+    "process.cmd_line": lambda a: _argv(a.process.argv),
+    "process.pid": lambda a: _num(a.process.pid),
+    "process.ppid": lambda a: _num(a.process.ppid or a.parent_process.pid),
+    "process.uid": lambda a: _num(a.process.uid),
+    "process.user": lambda a: _str(a.process.user),
+    "process.cwd": lambda a: _bytes(a.process.cwd),
+    "process.exe_sha256": lambda a: _str(a.process.exe_sha256),
+    "process.session_id": lambda a: _num(a.process.session_id),
+    "parent_process.exe": lambda a: _bytes(a.parent_process.exe) if _has_parent(a) else None,
+    "parent_process.cmd_line":
+        lambda a: _argv(a.parent_process.argv) if _has_parent(a) else None,
+    "parent_process.user": lambda a: _str(a.parent_process.user) if _has_parent(a) else None,
+    "parent_process.name": lambda a: _str(a.parent_process.name) if _has_parent(a) else None,
+}
+_FILE: dict[str, _Extract] = {
+    # A file renamed into place is created at its new path (editors and installers write a
+    # temporary file and rename it), so the target is what rules look at.
+    "file.path": lambda f: _bytes(f.new_path if f.activity_id == 5 else f.path),
+    "file.source_path": lambda f: _bytes(f.path) if f.activity_id == 5 else None,
+    "file.sha256": lambda f: _str(f.sha256),
+    "file.owner": lambda f: _str(f.owner),
+}
+_NETWORK: dict[str, _Extract] = {
+    "dst_endpoint.ip": lambda n: _str(n.dst_endpoint.ip),
+    "dst_endpoint.port": lambda n: _nonzero(n.dst_endpoint.port),
+    "src_endpoint.ip": lambda n: _str(n.src_endpoint.ip),
+    "src_endpoint.port": lambda n: _nonzero(n.src_endpoint.port),
+    "connection.protocol": lambda n: _str(n.protocol),
+    "connection.initiated": lambda n: "true" if n.direction_id == 2 else "false",
+    "connection.direction_id": lambda n: _nonzero(n.direction_id),
+    "process.pid": lambda n: _nonzero(n.pid),
+    "process.exe": lambda n: _bytes(n.exe),
+}
+_DNS: dict[str, _Extract] = {
+    "query.hostname": lambda d: _str(d.hostname),
+    "query.type": lambda d: _str(d.qtype),
+    "answers": lambda d: ";".join(d.answers) or None,
+    "process.pid": lambda d: _nonzero(d.pid),
+}
+_FILE_CATEGORIES = {1: "file_event", 3: "file_change", 4: "file_delete", 5: "file_rename"}
+
+
+class EventFields(NamedTuple):
+    """What detection needs of one event: its category and its lazily computed fields."""
+
+    category: str
+    raw: Fields
+
+
+def _fields(table: dict[str, _Extract], body: Any, extra: dict[str, str] | None = None
+            ) -> Fields:
+    def compute(name: str) -> str | None:
+        if extra is not None and name in extra:
+            return extra[name]
+        extract = table.get(name)
+        return None if extract is None else extract(body)
+    names = tuple(table) + (tuple(extra) if extra else ())
+    return Fields(compute, names)
+
+
+def event_fields(event: pb.Event, dns: DNSCache | None = None) -> EventFields | None:
+    """The category and lazy fields of an event, or None for kinds detection does not look
+    at. DNS answers are learned here (every DNS event, whether or not a rule reads it)."""
     kind = event.WhichOneof("body")
     if kind == "process":
         activity = event.process
         if activity.activity_id != 1 or activity.is_fork:
             return None
-        p, pp = activity.process, activity.parent_process
-        exe = _text(p.exe)
-        record: Record = {
-            "process.exe": exe, "process.name": p.name or os.path.basename(exe),
-            "process.cmd_line": _cmd_line(p.argv), "process.pid": p.pid,
-            "process.ppid": p.ppid or pp.pid, "process.uid": p.uid, "process.user": p.user,
-            "process.cwd": _text(p.cwd), "process.exe_sha256": p.exe_sha256,
-            "process.session_id": p.session_id,
-        }
-        if pp.pid or pp.exe:
-            record["parent_process.exe"] = _text(pp.exe)
-            record["parent_process.cmd_line"] = _cmd_line(pp.argv)
-            record["parent_process.user"] = pp.user
-            record["parent_process.name"] = pp.name
-        return Observed("process_creation", {k: v for k, v in record.items() if v != ""})
+        return EventFields("process_creation", _fields(_PROCESS, activity))
     if kind == "file":
         f = event.file
-        category = {1: "file_event", 3: "file_change", 4: "file_delete",
-                    5: "file_rename"}.get(f.activity_id)
+        category = _FILE_CATEGORIES.get(f.activity_id)
         if category is None or f.is_directory:
             return None
-        record = {"file.path": _text(f.path), "file.sha256": f.sha256, "file.owner": f.owner}
-        if f.activity_id == 5:
-            # A file renamed into place is created at its new path (editors and installers
-            # write a temporary file and rename it), so the target is what rules look at.
-            record["file.source_path"] = record["file.path"]
-            record["file.path"] = _text(f.new_path)
-        return Observed(category, {k: v for k, v in record.items() if v != ""})
+        return EventFields(category, _fields(_FILE, f))
     if kind == "network":
         n = event.network
-        record = {
-            "dst_endpoint.ip": n.dst_endpoint.ip, "dst_endpoint.port": n.dst_endpoint.port,
-            "src_endpoint.ip": n.src_endpoint.ip, "src_endpoint.port": n.src_endpoint.port,
-            "connection.protocol": n.protocol,
-            "connection.initiated": "true" if n.direction_id == 2 else "false",
-            "connection.direction_id": n.direction_id,
-            "process.pid": n.pid, "process.exe": _text(n.exe),
-        }
+        extra = None
         if dns is not None and (name := dns.name_of(n.dst_endpoint.ip)):
-            record["dst_endpoint.hostname"] = name
-        return Observed("network_connection",
-                        {k: v for k, v in record.items() if v != "" and v != 0 or k.endswith(
-                            "initiated")})
+            extra = {"dst_endpoint.hostname": name}
+        return EventFields("network_connection", _fields(_NETWORK, n, extra))
     if kind == "dns":
         d = event.dns
         if dns is not None and d.answers:
-            dns.learn(d.hostname, [a for a in d.answers])
-        record = {"query.hostname": d.hostname, "query.type": d.qtype,
-                  "answers": ";".join(d.answers), "process.pid": d.pid}
-        return Observed("dns_query", {k: v for k, v in record.items() if v != "" and v != 0})
+            dns.learn(d.hostname, list(d.answers))
+        return EventFields("dns_query", _fields(_DNS, d))
     return None
+
+
+def observe(event: pb.Event, dns: DNSCache | None = None) -> Observed | None:
+    """The whole detection record of an event (every field it has, as text), or None for
+    kinds detection does not look at. The live path uses event_fields instead."""
+    found = event_fields(event, dns)
+    if found is None:
+        return None
+    record: Record = dict(found.raw.present())
+    return Observed(found.category, record)

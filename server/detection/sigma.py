@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from sigma.collection import SigmaCollection
 from sigma.conditions import (
@@ -49,6 +50,10 @@ from server.detection import RuleError
 from server.detection.fields import (
     FIELD_MAPPING,
     RINGFENCE_FIELDS,
+    Fields,
+    Record,
+    fields_of,
+    lowered,
     sigma_pipeline,
     unmappable_reason,
 )
@@ -60,8 +65,15 @@ MAX_RULE_BYTES = 256 << 10
 SEVERITIES = ("informational", "low", "medium", "high", "critical")
 MEMO_ENTRIES = 65_536        # remembered verdicts (distinct field values) before starting over
 
-# A record as predicates see it: (raw text by field, lower-cased text by field).
-Facts = tuple[dict[str, str], dict[str, str]]
+
+class Facts(NamedTuple):
+    """A record as predicates see it: raw text by field and lower-cased text by field, each
+    computed on first use (`facts.raw[name]` is None when the event has no such field)."""
+
+    raw: Fields
+    low: Fields
+
+
 Predicate = Callable[[Facts], bool]
 
 
@@ -114,9 +126,13 @@ class UnsupportedRule:
 LoadedRule = CompiledRule | UnsupportedRule
 
 
-def facts_of(record: dict[str, str | int]) -> Facts:
-    raw = {k: v if isinstance(v, str) else str(v) for k, v in record.items()}
-    return raw, {k: v.lower() for k, v in raw.items()}
+def facts_of(record: Record) -> Facts:
+    """Facts of a ready-made record (tests, tools)."""
+    return facts_of_fields(fields_of(record))
+
+
+def facts_of_fields(raw: Fields) -> Facts:
+    return Facts(raw, lowered(raw))
 
 
 # -- leaves ---------------------------------------------------------------------------------
@@ -154,13 +170,13 @@ class _Strings:
         test = self.matcher()
 
         def on_field(facts: Facts) -> bool:
-            v = facts[view].get(name)
+            v = facts[view][name]
             return v is not None and test(v)
         return on_field
 
     def keyword(self, view: int) -> Predicate:
         test = self.matcher()
-        return lambda facts: any(test(v) for v in facts[view].values())
+        return lambda facts: any(test(v) for v in facts[view].present().values())
 
 
 def _wildcard_regex(parts: Sequence[object], flags: int) -> re.Pattern[str]:
@@ -212,15 +228,15 @@ def _regex_flags(value: SigmaRegularExpression) -> int:
 def _leaf(name: str, value: object) -> Predicate:
     """One `field = value` leaf that is not a plain string (strings are grouped elsewhere)."""
     if isinstance(value, SigmaNull):
-        return lambda facts: name not in facts[0]
+        return lambda facts: facts[0][name] is None
     if isinstance(value, SigmaExists):
         want = bool(value.exists)
-        return lambda facts: (name in facts[0]) == want
+        return lambda facts: (facts[0][name] is not None) == want
     if isinstance(value, SigmaCIDRExpression):
         network = value.network
 
         def in_network(facts: Facts) -> bool:
-            text = facts[0].get(name)
+            text = facts[0][name]
             if not text:
                 return False
             try:
@@ -233,7 +249,7 @@ def _leaf(name: str, value: object) -> Predicate:
         op = value.op
 
         def compare(facts: Facts) -> bool:
-            text = facts[0].get(name)
+            text = facts[0][name]
             try:
                 n = float(text) if text is not None else None
             except ValueError:
@@ -251,7 +267,7 @@ def _leaf(name: str, value: object) -> Predicate:
         starts, ends = value.starts_with, value.ends_with
 
         def same(facts: Facts) -> bool:
-            a, b = facts[1].get(name), facts[1].get(other)
+            a, b = facts[1][name], facts[1][other]
             if a is None or b is None:
                 return False
             if starts:
@@ -568,7 +584,7 @@ class RuleIndex:
         by_exe = self._by_exe.get(category)
         if not by_exe:
             return always
-        exe = facts[1].get("process.exe")
+        exe = facts[1]["process.exe"]
         if exe is None:
             return always
         anchored = by_exe.get(exe.rsplit("/", 1)[-1])
@@ -578,8 +594,7 @@ class RuleIndex:
         fields = self._memo_fields.get(category)
         if fields is None:
             return [r for r in self.candidates(category, facts) if r.predicate(facts)]
-        raw = facts[0]
-        key = (category, *[raw.get(f) for f in fields])
+        key = (category, *map(facts[0].__getitem__, fields))
         hit = self._memo.get(key)
         if hit is not None:
             self.memo_hits += 1

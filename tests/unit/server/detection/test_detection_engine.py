@@ -3,6 +3,8 @@ detection, queue overflow caught up from the evidence store by seq, restart resu
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from proto import ringfence_pb2 as pb
 from server.detection import InvalidTransition
 from server.detection.baselines import BaselineConfig
 from server.detection.engine import DetectionConfig, DetectionEngine
+from server.detection.evaluation import ProcessEvaluation
 from server.detection.records import AlertChainBroken, EventRef, NewAlert, verify_alert_log
 from server.detection.store import SQLiteDetectionStore
 
@@ -110,11 +113,14 @@ def _wait(engine: DetectionEngine) -> None:
     assert engine.idle()
 
 
-def test_overflow_is_recorded_and_caught_up_from_the_store(tmp_path: Path) -> None:
+@pytest.mark.parametrize("separate_process", [True, False])
+def test_overflow_is_recorded_and_caught_up_from_the_store(tmp_path: Path,
+                                                           separate_process: bool) -> None:
     events = [_event(s, "/usr/bin/base64", "base64", "-d") for s in range(1, 201)]
     store = _evidence(tmp_path, events[:1])
     d = SQLiteDetectionStore(tmp_path / "d.sqlite")
-    config = DetectionConfig(queue_events=50, baselines=BaselineConfig(enabled=False))
+    config = DetectionConfig(queue_events=50, baselines=BaselineConfig(enabled=False),
+                             separate_process=separate_process)
     engine = DetectionEngine(store, d, config)
     engine.start()
     # Everything is stored first, then announced in one go: the queue takes 50 events and
@@ -139,11 +145,13 @@ def test_overflow_is_recorded_and_caught_up_from_the_store(tmp_path: Path) -> No
     store.close()
 
 
-def test_restart_resumes_from_the_saved_cursor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("separate_process", [True, False])
+def test_restart_resumes_from_the_saved_cursor(tmp_path: Path, separate_process: bool) -> None:
     events = [_event(s, "/usr/bin/base64", "base64", "-d") for s in range(1, 11)]
     store = _evidence(tmp_path, events[:5])
     d = SQLiteDetectionStore(tmp_path / "d.sqlite")
-    config = DetectionConfig(baselines=BaselineConfig(enabled=False))
+    config = DetectionConfig(baselines=BaselineConfig(enabled=False),
+                             separate_process=separate_process)
     d.save_state([], {AGENT: 3})                       # evaluated up to seq 3 before
     engine = DetectionEngine(store, d, config)
     engine.start()
@@ -156,5 +164,39 @@ def test_restart_resumes_from_the_saved_cursor(tmp_path: Path) -> None:
     engine.stop()
     seqs = sorted(e.seq for a in d.list_alerts(limit=100) for e in a.events)
     assert seqs == list(range(4, 11))
+    d.close()
+    store.close()
+
+
+def test_a_dead_evaluator_process_is_replaced_and_nothing_is_skipped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    events = [_event(s, "/usr/bin/base64", "base64", "-d") for s in range(1, 41)]
+    store = _evidence(tmp_path, events[:1])
+    d = SQLiteDetectionStore(tmp_path / "d.sqlite")
+    engine = DetectionEngine(store, d, DetectionConfig(baselines=BaselineConfig(enabled=False)))
+    engine.start()
+    evaluation = engine.evaluation
+    assert isinstance(evaluation, ProcessEvaluation)
+
+    def announce(batch: list[pb.Event]) -> None:
+        rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32),
+                         1) for e in batch]
+        store.commit_batch(rows, [], [], [], ChainState(batch[-1].seq, bytes(32)))
+        engine.submit(AGENT, [DecodedEvent(e.seq, e.SerializeToString(), e, "process")
+                              for e in batch])
+
+    announce(events[1:20])
+    _wait(engine)
+    os.kill(evaluation._proc.pid, signal.SIGKILL)
+    announce(events[20:])
+    deadline = time.monotonic() + 60
+    while d.cursors().get(AGENT, 0) < 40 or not engine.idle():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    engine.stop()
+    assert evaluation.starts == 2
+    assert any("stopped answering" in r.getMessage() for r in caplog.records)
+    seqs = sorted(e.seq for a in d.list_alerts(limit=10**6) for e in a.events)
+    assert seqs == list(range(2, 41))
     d.close()
     store.close()

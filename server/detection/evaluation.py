@@ -1,0 +1,386 @@
+"""Evaluating events against the rules in force and the behaviour baselines.
+
+`Evaluator` judges one event at a time (the live path and hunts share it). The live path runs
+it behind the `Evaluation` seam: in the server process (`InProcessEvaluation`), or in a child
+process (`ProcessEvaluation`, the default) that uses another core and never competes with
+ingest for the interpreter lock. Neither reads or writes a store: callers pass rules and
+baseline rows in and take alerts and changed baseline rows out.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import multiprocessing
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from proto import ringfence_pb2 as pb
+from server.detection import DetectionError, RuleError
+from server.detection.baselines import BaselineConfig, Baselines
+from server.detection.fields import DNSCache, Fields, event_fields
+from server.detection.records import BaselineRow, CustomRule, EventRef, NewAlert
+from server.detection.sigma import (
+    CompiledRule,
+    LoadedRule,
+    RuleIndex,
+    facts_of_fields,
+    load_pack,
+    load_yaml,
+)
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 120.0      # spawning the evaluator process and loading the pack
+POLL_S = 0.5                 # how often a waiting caller checks that the process still lives
+
+# One event to evaluate: its seq and its stored bytes (or the decoded message).
+Item = tuple[int, "bytes | pb.Event"]
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Rules in force: the pack and custom rules, minus the disabled ones."""
+
+    loaded: tuple[tuple[LoadedRule, bool], ...]     # (rule, disabled)
+    index: RuleIndex
+
+    def find(self, ident: str) -> LoadedRule:
+        """A rule by id, title or file name (case-insensitive); RuleError if none or several."""
+        wanted = ident.lower()
+        hits = [r for r, _ in self.loaded
+                if wanted in (r.info.rule_id.lower(), r.info.title.lower(),
+                              Path(r.info.source).name.lower(), Path(r.info.source).stem.lower())]
+        if len(hits) != 1:
+            raise RuleError(ident, "no such rule; see `ringfence rules list`" if not hits else
+                            f"{len(hits)} rules have that name; use the rule id")
+        return hits[0]
+
+
+def build_ruleset(pack: Sequence[LoadedRule], custom: Iterable[CustomRule],
+                  disabled: set[str]) -> RuleSet:
+    loaded: list[tuple[LoadedRule, bool]] = [(r, r.info.rule_id in disabled) for r in pack]
+    for c in custom:
+        try:
+            rules = load_yaml(c.yaml, f"custom:{c.rule_id}")
+        except RuleError as e:
+            logger.error("custom rule %s no longer loads: %s", c.rule_id, e.reason)
+            continue
+        loaded.extend((r, r.info.rule_id in disabled) for r in rules)
+    index = RuleIndex(r for r, off in loaded if isinstance(r, CompiledRule) and not off)
+    return RuleSet(tuple(loaded), index)
+
+
+def _tree(category: str, raw: Fields) -> str:
+    """The dedup scope of a match: the process tree (session, else parent) or the object."""
+    if category == "process_creation":
+        session = raw["process.session_id"]
+        return f"sid{session}" if session not in (None, "0") else f"ppid{raw.get('process.ppid', 0)}"
+    if category == "network_connection":
+        return f"pid{raw.get('process.pid', 0)}"
+    return raw.get("file.path") or raw.get("query.hostname") or ""
+
+
+def _what(raw: Fields) -> str:
+    for key in ("process.cmd_line", "file.path", "dst_endpoint.hostname", "dst_endpoint.ip",
+                "query.hostname"):
+        text = raw[key]
+        if text:
+            if key == "dst_endpoint.ip":
+                text += f":{raw.get('dst_endpoint.port', '')}"
+            return text[:300]
+    return ""
+
+
+class Evaluator:
+    """Rules + baselines over single events: what the live path and hunts share."""
+
+    def __init__(self, rules: RuleSet, baselines: Baselines | None) -> None:
+        self.rules = rules
+        self.baselines = baselines
+        self._dns: dict[str, DNSCache] = {}
+
+    def evaluate(self, agent_id: str, seq: int, event: pb.Event) -> list[NewAlert]:
+        dns = self._dns.get(agent_id)
+        if dns is None:
+            dns = self._dns[agent_id] = DNSCache()
+        found = event_fields(event, dns)
+        if found is None:
+            if self.baselines is not None:
+                self.baselines.seen(agent_id, event.time_ns)
+            return []
+        category, raw = found
+        out: list[NewAlert] = []
+        matched = self.rules.index.match(category, facts_of_fields(raw))
+        if matched:
+            ref = EventRef(agent_id, seq)
+            tree, what = _tree(category, raw), _what(raw)
+            for rule in matched:
+                i = rule.info
+                out.append(NewAlert(
+                    agent_id, "sigma", i.rule_id, i.title, i.severity,
+                    f"Sigma rule \"{i.title}\" ({i.level}; by {i.author}) matched "
+                    f"{category} event #{seq}: {what}",
+                    f"sigma:{i.rule_id}:{agent_id}:{tree}", ref, event.time_ns))
+        if self.baselines is not None:
+            for a in self.baselines.observe(agent_id, category, raw, event.time_ns):
+                out.append(NewAlert(agent_id, "baseline", a.model, a.title, a.severity,
+                                    a.detail, f"baseline:{a.dedup_key}",
+                                    EventRef(agent_id, seq), event.time_ns))
+        return out
+
+
+def _decoded(agent_id: str, items: Iterable[Item]) -> Iterator[tuple[int, pb.Event]]:
+    for seq, event in items:
+        if isinstance(event, bytes):
+            try:
+                event = pb.Event.FromString(event)
+            except DecodeError:
+                logger.error("stored event %s #%d does not decode; skipped by detection",
+                             agent_id, seq)
+                continue
+        yield seq, event
+
+
+def evaluate_items(evaluator: Evaluator, agent_id: str, items: Iterable[Item]) -> list[NewAlert]:
+    out: list[NewAlert] = []
+    evaluate = evaluator.evaluate
+    for seq, event in _decoded(agent_id, items):
+        found = evaluate(agent_id, seq, event)
+        if found:
+            out.extend(found)
+    return out
+
+
+class Evaluation(abc.ABC):
+    """Where the live path evaluates batches of one agent's events, in seq order. Raises
+    DetectionError when evaluation failed (the caller retries from its cursor)."""
+
+    @abc.abstractmethod
+    def evaluate(self, agent_id: str, items: Sequence[Item]) -> list[NewAlert]: ...
+
+    @abc.abstractmethod
+    def set_rules(self, rules: RuleSet, custom: Sequence[CustomRule],
+                  disabled: set[str]) -> None:
+        """Rules in force from now on (`rules` is built from the pack, custom and disabled)."""
+
+    @abc.abstractmethod
+    def dirty_rows(self) -> list[BaselineRow]:
+        """Baseline rows changed since the last call (to persist)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class InProcessEvaluation(Evaluation):
+    """Evaluation on the calling thread (for tests and single-core hosts)."""
+
+    def __init__(self, rules: RuleSet, baselines: Baselines) -> None:
+        self.evaluator = Evaluator(rules, baselines)
+
+    def evaluate(self, agent_id: str, items: Sequence[Item]) -> list[NewAlert]:
+        return evaluate_items(self.evaluator, agent_id, items)
+
+    def set_rules(self, rules: RuleSet, custom: Sequence[CustomRule],
+                  disabled: set[str]) -> None:
+        self.evaluator.rules = rules
+
+    def dirty_rows(self) -> list[BaselineRow]:
+        baselines = self.evaluator.baselines
+        return baselines.dirty_rows() if baselines is not None else []
+
+    def close(self) -> None:
+        pass
+
+
+class _ForwardLogs(logging.Handler):
+    """In the evaluator process: keeps log records to send with the next reply, so they are
+    logged by the server (the child has no log configuration of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[tuple[int, str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.levelno, record.name, record.getMessage()))
+
+    def take(self) -> list[tuple[int, str, str]]:
+        out, self.records = self.records, []
+        return out
+
+
+def _evaluator_main(conn: Connection, pack_dir: Path | None, config: BaselineConfig,
+                    custom: list[CustomRule], disabled: set[str],
+                    rows: list[BaselineRow]) -> None:
+    """The evaluator process: answer requests from the server until told to stop or until
+    the server goes away (end of the pipe). Signals are for the server, which stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logs = _ForwardLogs()
+    root = logging.getLogger()
+    root.addHandler(logs)
+    root.setLevel(logging.INFO)
+    try:
+        pack = load_pack(pack_dir) if pack_dir else []
+        evaluator = Evaluator(build_ruleset(pack, custom, disabled), Baselines(config, rows))
+    except Exception as e:  # noqa: BLE001 - whatever it is, the server must hear of it
+        conn.send(("error", f"cannot load rules and baselines: {e!r}", logs.take()))
+        return
+    conn.send(("ready", len(evaluator.rules.index), logs.take()))
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        op = request[0]
+        if op == "stop":
+            conn.send(("ok", None, logs.take()))
+            return
+        try:
+            reply: Any
+            if op == "eval":
+                reply = evaluate_items(evaluator, request[1], request[2])
+            elif op == "rules":
+                evaluator.rules = build_ruleset(pack, request[1], request[2])
+                reply = len(evaluator.rules.index)
+            elif op == "flush":
+                reply = evaluator.baselines.dirty_rows() if evaluator.baselines else []
+            else:
+                raise ValueError(f"unknown request {op!r}")
+        except Exception as e:
+            # Reported to the server, which logs it and retries from its cursor.
+            logger.exception("detection evaluator failed on %s", op)
+            conn.send(("error", f"{op}: {e!r}", logs.take()))
+            continue
+        conn.send(("ok", reply, logs.take()))
+
+
+class ProcessEvaluation(Evaluation):
+    """Evaluation in a child process (spawned, not forked: the server runs gRPC threads).
+
+    Requests go over a pipe one at a time. If the process dies, the request fails with a
+    DetectionError naming the exit code, and the next request starts a new process from the
+    last saved baseline state (`saved_rows`); counts learned since the last flush are lost,
+    which makes models quieter, never louder.
+    """
+
+    def __init__(self, pack_dir: Path | None, config: BaselineConfig, rules: RuleSet,
+                 custom: Sequence[CustomRule], disabled: set[str],
+                 saved_rows: Callable[[], list[BaselineRow]]) -> None:
+        self._pack_dir = pack_dir
+        self._config = config
+        self._custom = list(custom)
+        self._disabled = set(disabled)
+        self._saved_rows = saved_rows
+        self._lock = threading.Lock()
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._ready = False
+        self.starts = 0
+
+    def start(self) -> None:
+        """Start the process now (it loads the pack while the server starts)."""
+        with self._lock:
+            if self._proc is None:
+                self._spawn()
+
+    def _spawn(self) -> None:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=_evaluator_main, name="ringfence-detection", daemon=True,
+            args=(child, self._pack_dir, self._config, self._custom, self._disabled,
+                  self._saved_rows()))
+        proc.start()
+        child.close()
+        self._proc, self._conn, self._ready = proc, parent, False
+        self.starts += 1
+        logger.info("detection evaluator process %d started", proc.pid)
+
+    def _discard(self) -> str:
+        proc, self._proc = self._proc, None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if proc is None:
+            return "not running"
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+        return f"exit code {proc.exitcode}"
+
+    def _receive(self, timeout_s: float | None) -> Any:
+        assert self._conn is not None and self._proc is not None
+        waited = 0.0
+        try:
+            while not self._conn.poll(POLL_S):
+                waited += POLL_S
+                if not self._proc.is_alive() or (timeout_s is not None and waited >= timeout_s):
+                    raise EOFError
+            status, payload, logs = self._conn.recv()
+        except (EOFError, OSError) as e:
+            how = self._discard()
+            raise DetectionError(f"the detection evaluator process stopped answering ({how});"
+                                 " a new one is started for the next batch") from e
+        for level, name, text in logs:
+            logging.getLogger(name).log(level, "%s", text)
+        if status == "error":
+            raise DetectionError(f"detection evaluator: {payload}")
+        return payload
+
+    def _call(self, *request: Any) -> Any:
+        with self._lock:
+            if self._proc is None:
+                self._spawn()
+            assert self._conn is not None
+            if not self._ready:
+                self._receive(START_TIMEOUT_S)
+                self._ready = True
+            try:
+                self._conn.send(request)
+            except (OSError, ValueError) as e:
+                how = self._discard()
+                raise DetectionError(f"cannot reach the detection evaluator process ({how})"
+                                     ) from e
+            return self._receive(None)
+
+    def evaluate(self, agent_id: str, items: Sequence[Item]) -> list[NewAlert]:
+        # The process decodes the stored bytes itself; decoded messages (tests) are
+        # serialized again.
+        wire = [(seq, e if isinstance(e, bytes) else e.SerializeToString())
+                for seq, e in items]
+        alerts: list[NewAlert] = self._call("eval", agent_id, wire)
+        return alerts
+
+    def set_rules(self, rules: RuleSet, custom: Sequence[CustomRule],
+                  disabled: set[str]) -> None:
+        self._custom, self._disabled = list(custom), set(disabled)
+        self._call("rules", self._custom, self._disabled)
+
+    def dirty_rows(self) -> list[BaselineRow]:
+        rows: list[BaselineRow] = self._call("flush")
+        return rows
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is None:
+                return
+            try:
+                if self._ready and self._conn is not None:
+                    self._conn.send(("stop",))
+                    self._receive(10.0)
+                    self._proc.join(10)
+            except (DetectionError, OSError, ValueError) as e:
+                logger.warning("detection evaluator process did not stop cleanly: %s", e)
+            self._discard()
+
+
+__all__ = ["Evaluation", "Evaluator", "InProcessEvaluation", "ProcessEvaluation", "RuleSet",
+           "build_ruleset"]
