@@ -102,6 +102,13 @@ class EventCodec(Protocol):
         ...
 
 
+# A codec may also offer `render_canonical(event_bytes) -> str | None`: the canonical JSON text
+# of render(event_bytes) (sorted keys, compact, ASCII), or None to have it encoded from
+# render(). Writing the text directly can be much faster than building and encoding a dict;
+# the codec's tests must show it equals the encoded rendering, since events.jsonl is compared
+# byte for byte. It is looked up by name so plain two-method codecs keep working.
+
+
 @dataclass(frozen=True)
 class MemberCheck:
     """One line of a verification report: a member, whether a check passed, and why."""
@@ -231,12 +238,21 @@ def _line_encoder() -> Callable[[dict[str, Any]], str]:
 _ENCODE_LINE = _line_encoder()
 
 
+def _canonical_renderer(codec: EventCodec) -> Callable[[bytes], str | None] | None:
+    fast: Callable[[bytes], str | None] | None = getattr(codec, "render_canonical", None)
+    return fast
+
+
 def render_line(codec: EventCodec, event_bytes: bytes) -> bytes:
     """The events.jsonl line for one event: canonical JSON of codec.render plus newline."""
-    rendered = codec.render(event_bytes)
-    if type(rendered) is not dict:
-        rendered = dict(rendered)
-    return _canonical.ENCODER.encode(rendered).encode("ascii") + b"\n"
+    fast = _canonical_renderer(codec)
+    text = fast(event_bytes) if fast is not None else None
+    if text is None:
+        rendered = codec.render(event_bytes)
+        if type(rendered) is not dict:
+            rendered = dict(rendered)
+        text = _canonical.ENCODER.encode(rendered)
+    return text.encode("ascii") + b"\n"
 
 
 def _custody_line(entry: Mapping[str, Any]) -> bytes:
@@ -881,6 +897,7 @@ class _EventScan:
         header = FRAME.size
         sha = hashlib.sha256
         describe, render, encode = codec.describe, codec.render, _ENCODE_LINE
+        fast = _canonical_renderer(codec)
         agent_id = self.agent_id
         next_cp = self._cp_seqs[self._cp_index]
         prev, head, count = self.prev, self.head, self.count
@@ -899,9 +916,12 @@ class _EventScan:
             event_bytes = buf[pos + header:stop]
             try:
                 info = describe(event_bytes)
-                rendered = render(event_bytes)
-                # The canonical encoder takes dicts only; other Mappings are copied.
-                append(encode(rendered if type(rendered) is dict else dict(rendered)))
+                text = fast(event_bytes) if fast is not None else None
+                if text is None:
+                    rendered = render(event_bytes)
+                    # The canonical encoder takes dicts only; other Mappings are copied.
+                    text = encode(rendered if type(rendered) is dict else dict(rendered))
+                append(text)
             except Exception as e:  # noqa: BLE001 - any codec failure is a finding
                 self.broken = f"event at seq {seq} cannot be decoded: {e}"
                 break

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from evidence.bundle import EventInfo
 from evidence.errors import FormatError
 from proto import ringfence_pb2 as pb
-from server.export import to_jsonl
+from server.export import jsonl_line, to_jsonl
 
 
 def parse_event(event_bytes: bytes) -> pb.Event:
@@ -53,3 +53,8 @@ class ProtoEventCodec:
     def render(self, event_bytes: bytes) -> Mapping[str, Any]:
         event = self._parse(event_bytes)
         return to_jsonl(event, event.agent_id)
+
+    def render_canonical(self, event_bytes: bytes) -> str | None:
+        """Canonical JSON of render(), written directly for the common kinds (else None)."""
+        event = self._parse(event_bytes)
+        return jsonl_line(event, event.agent_id)

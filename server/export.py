@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json.encoder as json_encoder
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -316,6 +317,8 @@ def _merge_flat(row: dict[str, Any], kind: str, fields: dict[str, Any]) -> None:
 
 _DECODE = "utf-8"
 _ESCAPE = "backslashreplace"  # same as _text(), inlined: this runs for every bundled event
+_json_str: Callable[[str], str] = json_encoder.encode_basestring_ascii
+"""A JSON string literal exactly as an ensure_ascii encoder writes it (C when available)."""
 
 
 def _flat_process(p: pb.Process, keys: tuple[str, ...], row: dict[str, Any],
@@ -517,6 +520,207 @@ _FAST_ROWS: dict[str, Callable[[pb.Event, Any, str], dict[str, Any]]] = {
 }
 """Body kinds rendered by hand; their field lists must follow proto/ringfence.proto (a test
 compares them with the message descriptors, and with the generic rows on random events)."""
+
+
+def jsonl_line(event: pb.Event, agent_id: str) -> str | None:
+    """The canonical JSON text of `to_jsonl(event, agent_id)`, or None for kinds not handled.
+
+    Canonical means what evidence bundles use for events.jsonl: sorted keys, no whitespace,
+    ASCII with \\u escapes. Written out directly for the hot kinds, because building the row
+    dict and encoding it costs about twice as much; tests compare every line with the encoded
+    row. Callers fall back to encoding `to_jsonl` when this returns None.
+    """
+    kind = event.WhichOneof("body")
+    if kind == "process":
+        return _process_line(event, event.process, agent_id)
+    if kind == "file":
+        return _file_line(event, event.file, agent_id)
+    if kind == "network":
+        return _network_line(event, event.network, agent_id)
+    if kind == "dns":
+        return _dns_line(event, event.dns, agent_id)
+    return None
+
+
+def _process_parts(p: pb.Process, prefix: str, parts: list[str], cmd_line: bool) -> None:
+    # Same fields and order as _flat_process; values as the canonical encoder writes them.
+    esc = _json_str
+    argv = p.argv
+    if argv:
+        texts = [a.decode(_DECODE, _ESCAPE) for a in argv]
+        parts.append(f'"{prefix}argv":[{",".join([esc(a) for a in texts])}]')
+    else:
+        texts = []
+    if p.argv_truncated:
+        parts.append(f'"{prefix}argv_truncated":true')
+    if cmd_line:
+        parts.append(f'"{prefix}cmd_line":{esc(" ".join(texts))}')
+    if b := p.cwd:
+        parts.append(f'"{prefix}cwd":{esc(b.decode(_DECODE, _ESCAPE))}')
+    if v := p.euid:
+        parts.append(f'"{prefix}euid":{v}')
+    if b := p.exe:
+        parts.append(f'"{prefix}exe":{esc(b.decode(_DECODE, _ESCAPE))}')
+    if s := p.exe_sha256:
+        parts.append(f'"{prefix}exe_sha256":{esc(s)}')
+    if v := p.gid:
+        parts.append(f'"{prefix}gid":{v}')
+    if s := p.name:
+        parts.append(f'"{prefix}name":{esc(s)}')
+    if v := p.pid:
+        parts.append(f'"{prefix}pid":{v}')
+    if v := p.ppid:
+        parts.append(f'"{prefix}ppid":{v}')
+    if v := p.session_id:
+        parts.append(f'"{prefix}session_id":{v}')
+    if v := p.start_time_ns:
+        parts.append(f'"{prefix}start_time_ns":{v}')
+    if v := p.tty_nr:
+        parts.append(f'"{prefix}tty_nr":{v}')
+    if v := p.uid:
+        parts.append(f'"{prefix}uid":{v}')
+    if unavailable := p.unavailable:
+        parts.append(f'"{prefix}unavailable":[{",".join([esc(u) for u in unavailable])}]')
+    if s := p.user:
+        parts.append(f'"{prefix}user":{esc(s)}')
+
+
+def _tail_parts(event: pb.Event, parts: list[str]) -> None:
+    time_ns = event.time_ns
+    parts.append(f'"time":"{_iso(time_ns)}","time_ns":{time_ns}')
+
+
+def _process_line(event: pb.Event, pa: pb.ProcessActivity, agent_id: str) -> str:
+    esc = _json_str
+    parts: list[str] = []
+    if v := pa.activity_id:
+        parts.append(f'"activity_id":{v}')
+    parts.append(f'"agent_id":{esc(agent_id)}')
+    if v := pa.exit_code:
+        parts.append(f'"exit_code":{v}')
+    if pa.is_fork:
+        parts.append('"is_fork":true')
+    parts.append('"kind":"process"')
+    _process_parts(pa.parent_process, "parent_process.", parts, False)
+    _process_parts(pa.process, "process.", parts, True)
+    parts.append(f'"seq":{event.seq},"severity_id":{event.severity_id}')
+    if s := pa.source:
+        parts.append(f'"source":{esc(s)}')
+    _tail_parts(event, parts)
+    return "{" + ",".join(parts) + "}"
+
+
+def _file_line(event: pb.Event, fa: pb.FileActivity, agent_id: str) -> str:
+    esc = _json_str
+    parts: list[str] = []
+    if v := fa.activity_id:
+        parts.append(f'"activity_id":{v}')
+    parts.append(f'"agent_id":{esc(agent_id)}')
+    if v := fa.gid:
+        parts.append(f'"gid":{v}')
+    if fa.hash_skipped_size:
+        parts.append('"hash_skipped_size":true')
+    if v := fa.inode:
+        parts.append(f'"inode":{v}')
+    if fa.is_directory:
+        parts.append('"is_directory":true')
+    parts.append('"kind":"file"')
+    if v := fa.mode:
+        parts.append(f'"mode":{v}')
+    if v := fa.mtime_ns:
+        parts.append(f'"mtime_ns":{v}')
+    if b := fa.new_path:
+        parts.append(f'"new_path":{esc(b.decode(_DECODE, _ESCAPE))}')
+    if s := fa.owner:
+        parts.append(f'"owner":{esc(s)}')
+    if b := fa.path:
+        parts.append(f'"path":{esc(b.decode(_DECODE, _ESCAPE))}')
+    parts.append(f'"seq":{event.seq},"severity_id":{event.severity_id}')
+    if s := fa.sha256:
+        parts.append(f'"sha256":{esc(s)}')
+    if v := fa.size:
+        parts.append(f'"size":{v}')
+    _tail_parts(event, parts)
+    if v := fa.uid:
+        parts.append(f'"uid":{v}')
+    if unavailable := fa.unavailable:
+        parts.append(f'"unavailable":[{",".join([esc(u) for u in unavailable])}]')
+    return "{" + ",".join(parts) + "}"
+
+
+def _endpoint_parts(e: pb.Endpoint, prefix: str, parts: list[str]) -> None:
+    if s := e.ip:
+        parts.append(f'"{prefix}ip":{_json_str(s)}')
+    if v := e.port:
+        parts.append(f'"{prefix}port":{v}')
+
+
+def _network_line(event: pb.Event, na: pb.NetworkActivity, agent_id: str) -> str:
+    esc = _json_str
+    parts: list[str] = []
+    if v := na.activity_id:
+        parts.append(f'"activity_id":{v}')
+    parts.append(f'"agent_id":{esc(agent_id)}')
+    if v := na.bytes_in:
+        parts.append(f'"bytes_in":{v}')
+    if v := na.bytes_out:
+        parts.append(f'"bytes_out":{v}')
+    if s := na.community_id:
+        parts.append(f'"community_id":{esc(s)}')
+    if v := na.direction_id:
+        parts.append(f'"direction_id":{v}')
+    _endpoint_parts(na.dst_endpoint, "dst_endpoint.", parts)
+    if b := na.exe:
+        parts.append(f'"exe":{esc(b.decode(_DECODE, _ESCAPE))}')
+    if v := na.first_seen_ns:
+        parts.append(f'"first_seen_ns":{v}')
+    if v := na.ip_version:
+        parts.append(f'"ip_version":{v}')
+    parts.append('"kind":"network"')
+    if v := na.last_seen_ns:
+        parts.append(f'"last_seen_ns":{v}')
+    if v := na.packets_in:
+        parts.append(f'"packets_in":{v}')
+    if v := na.packets_out:
+        parts.append(f'"packets_out":{v}')
+    if v := na.pid:
+        parts.append(f'"pid":{v}')
+    if s := na.protocol:
+        parts.append(f'"protocol":{esc(s)}')
+    parts.append(f'"seq":{event.seq},"severity_id":{event.severity_id}')
+    _endpoint_parts(na.src_endpoint, "src_endpoint.", parts)
+    if s := na.state:
+        parts.append(f'"state":{esc(s)}')
+    _tail_parts(event, parts)
+    return "{" + ",".join(parts) + "}"
+
+
+def _dns_line(event: pb.Event, d: pb.DnsActivity, agent_id: str) -> str:
+    esc = _json_str
+    parts: list[str] = []
+    if v := d.activity_id:
+        parts.append(f'"activity_id":{v}')
+    parts.append(f'"agent_id":{esc(agent_id)}')
+    if answers := d.answers:
+        parts.append(f'"answers":[{",".join([esc(a) for a in answers])}]')
+    if s := d.community_id:
+        parts.append(f'"community_id":{esc(s)}')
+    _endpoint_parts(d.dst_endpoint, "dst_endpoint.", parts)
+    if s := d.hostname:
+        parts.append(f'"hostname":{esc(s)}')
+    parts.append('"kind":"dns"')
+    if v := d.pid:
+        parts.append(f'"pid":{v}')
+    if s := d.qtype:
+        parts.append(f'"qtype":{esc(s)}')
+    if s := d.rcode:
+        parts.append(f'"rcode":{esc(s)}')
+    parts.append(f'"seq":{event.seq},"severity_id":{event.severity_id}')
+    _endpoint_parts(d.src_endpoint, "src_endpoint.", parts)
+    _tail_parts(event, parts)
+    if v := d.transaction_id:
+        parts.append(f'"transaction_id":{v}')
+    return "{" + ",".join(parts) + "}"
 
 
 def _flat_fields(event: pb.Event) -> dict[str, Any]:

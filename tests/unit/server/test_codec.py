@@ -125,3 +125,21 @@ def test_no_fast_body_field_collides_with_a_row_key() -> None:
     for kind in export._FAST_ROWS:
         names = {f.name for f in getattr(pb.Event(), kind).DESCRIPTOR.fields}
         assert not names & row_keys, kind
+
+
+def test_canonical_lines_equal_the_encoded_rows() -> None:
+    rng = random.Random("lines")
+    events = samples()
+    for kind in export._FAST_ROWS:
+        for _ in range(100):
+            event = pb.Event(seq=rng.randrange(1, 2 ** 40), time_ns=rng.randrange(-2 ** 62, 2 ** 62),
+                             agent_id=rng.choice(_RANDOM_TEXT))
+            _random_message(getattr(event, kind), rng, every=rng.random() < 0.5)
+            events.append(event)
+    for event in events:
+        line = export.jsonl_line(event, event.agent_id)
+        expected = _canonical.ENCODER.encode(to_jsonl_generic(event, event.agent_id))
+        if event.WhichOneof("body") in export._FAST_ROWS:
+            assert line == expected
+        else:
+            assert line is None  # the codec falls back to encoding render()
