@@ -639,7 +639,8 @@ def _signature_reason(e: IntegrityError | TrustError) -> str:
 
 
 def verify_bundle(source: str | os.PathLike[str] | BinaryIO, trust: TrustSet,
-                  codec: EventCodec | None = None) -> VerifiedBundle:
+                  codec: EventCodec | None = None, *,
+                  unsafe_skip_rendering: bool = False) -> VerifiedBundle:
     """Verify a bundle offline against `trust`; return it, or raise with the full report.
 
     Order: server signature over manifest.json (signature, type, then parse); agent key
@@ -650,7 +651,10 @@ def verify_bundle(source: str | os.PathLike[str] | BinaryIO, trust: TrustSet,
     their names and agent-signed acquisition records; custody.jsonl parses.
 
     Without a codec, seq/agent binding, gap events and events.jsonl cannot be checked: a seq
-    jump then fails closed, and the report says what was skipped. Raises
+    jump then fails closed, and the report says what was skipped. `unsafe_skip_rendering`
+    keeps every check but the regeneration of events.jsonl (its digest is still checked); it
+    exists to measure and run the signature, chain and binding core alone, logs a warning and
+    says so in the report. Raises
     BundleVerificationError (report attached) on any failure, EvidenceIOError if the file
     cannot be opened.
     """
@@ -663,12 +667,15 @@ def verify_bundle(source: str | os.PathLike[str] | BinaryIO, trust: TrustSet,
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
         report.fail(CONTAINER, f"not a readable ZIP archive: {e}")
         raise report.abort() from e
+    if unsafe_skip_rendering:
+        logger.warning("unsafe_skip_rendering: events.jsonl is not regenerated from events.bin; "
+                       "its content is vouched for by the server signature only")
     with zf:
-        return _verify_open(zf, trust, codec, report)
+        return _verify_open(zf, trust, codec, report, render=not unsafe_skip_rendering)
 
 
 def _verify_open(zf: zipfile.ZipFile, trust: TrustSet, codec: EventCodec | None,
-                 report: _Report) -> VerifiedBundle:
+                 report: _Report, render: bool = True) -> VerifiedBundle:
     names = zf.namelist()
     if len(names) != len(set(names)):
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -768,23 +775,29 @@ def _verify_open(zf: zipfile.ZipFile, trust: TrustSet, codec: EventCodec | None,
             if good:
                 report.ok(m.name, f"signed by agent key {manifest.agent_key_id}; seq {cp.seq}")
 
-    # 5. Events: framing, binding, chain, checkpoint heads, regenerated rendering.
-    rendered_sha = None
+    # 5. Events: framing, binding, chain, checkpoint heads; in the same pass events.jsonl is
+    # hashed and compared with the rendering regenerated from events.bin.
+    compare = codec is not None and render and EVENTS_JSONL in present
+    rendering: _RenderingCheck | None = None
     if EVENTS in present:
-        rendered_sha = _verify_events(zf, manifest, codec, cp_by_seq, digest_ok, report)
+        rendering = _verify_events(zf, manifest, codec, cp_by_seq, digest_ok, report, compare)
 
     # 6. events.jsonl is derived: it must equal what the codec regenerates from events.bin.
     if EVENTS_JSONL in present:
-        actual = _hash_member(zf, EVENTS_JSONL, report)
+        actual = rendering.digest if rendering is not None else _hash_member(
+            zf, EVENTS_JSONL, report)
         if actual is not None and digest_ok(EVENTS_JSONL, actual):
             if codec is None:
                 report.ok(EVENTS_JSONL, "digest matches; rendering not regenerated (no codec)")
-            elif rendered_sha is None:
+            elif not render:
+                report.ok(EVENTS_JSONL, "digest matches; rendering NOT regenerated "
+                                        "(unsafe_skip_rendering)")
+            elif rendering is None or not rendering.complete:
                 report.fail(EVENTS_JSONL, "not compared: events.bin could not be rendered")
-            elif rendered_sha != actual:
-                line = _first_rendering_mismatch(zf, codec)
+            elif rendering.mismatch_line is not None:
                 report.fail(EVENTS_JSONL, "does not match the rendering regenerated from "
-                                          f"events.bin (first difference at line {line})")
+                                          f"events.bin (first difference at line "
+                                          f"{rendering.mismatch_line})")
             else:
                 report.ok(EVENTS_JSONL, "equals the rendering regenerated from events.bin")
 
@@ -825,16 +838,16 @@ class _EventScan:
     """
 
     def __init__(self, manifest: BundleManifest, codec: EventCodec | None,
-                 cp_heads: dict[int, bytes]) -> None:
+                 cp_heads: dict[int, bytes], rendering: _RenderingCheck | None) -> None:
         self.agent_id = manifest.agent_id
         self.codec = codec
+        self.rendering = rendering
         self.cp_heads = cp_heads
         # Checkpoint seqs in order: the loops compare each seq with the next one (an int
         # compare) instead of a dict lookup per event.
         self._cp_seqs = sorted(cp_heads) + [_NO_SEQ]
         self._cp_index = 0
         self.matched: list[int] = []
-        self.rendered = hashlib.sha256()
         self.prev = manifest.start_seq
         self.head = manifest.start_head
         self.count = 0
@@ -898,6 +911,7 @@ class _EventScan:
         sha = hashlib.sha256
         describe, render, encode = codec.describe, codec.render, _ENCODE_LINE
         fast = _canonical_renderer(codec)
+        rendering = self.rendering
         agent_id = self.agent_id
         next_cp = self._cp_seqs[self._cp_index]
         prev, head, count = self.prev, self.head, self.count
@@ -915,29 +929,28 @@ class _EventScan:
                 break
             event_bytes = buf[pos + header:stop]
             try:
-                info = describe(event_bytes)
-                text = fast(event_bytes) if fast is not None else None
-                if text is None:
-                    rendered = render(event_bytes)
-                    # The canonical encoder takes dicts only; other Mappings are copied.
-                    text = encode(rendered if type(rendered) is dict else dict(rendered))
-                append(text)
+                info_seq, info_agent, t, gap = describe(event_bytes)
+                if rendering is not None:
+                    text = fast(event_bytes) if fast is not None else None
+                    if text is None:
+                        rendered = render(event_bytes)
+                        # The canonical encoder takes dicts only; other Mappings are copied.
+                        text = encode(rendered if type(rendered) is dict else dict(rendered))
+                    append(text)
             except Exception as e:  # noqa: BLE001 - any codec failure is a finding
                 self.broken = f"event at seq {seq} cannot be decoded: {e}"
                 break
-            if info.seq != seq:
-                self.broken = f"framing says seq {seq} but the event says seq {info.seq}"
+            if info_seq != seq:
+                self.broken = f"framing says seq {seq} but the event says seq {info_seq}"
                 break
-            if info.agent_id != agent_id:
-                self.broken = f"event at seq {seq} is from agent {info.agent_id!r}, not {agent_id!r}"
+            if info_agent != agent_id:
+                self.broken = f"event at seq {seq} is from agent {info_agent!r}, not {agent_id!r}"
                 break
-            gap = info.gap
             if gap is not None or seq != prev + 1:
                 reason = explain_jump(prev, seq, gap)
                 if reason is not None:
                     self.broken = f"chain break at seq {seq}: {reason}"
                     break
-            t = info.time_ns
             if count == 0:
                 self.first_seq = seq
                 first_ns = last_ns = t
@@ -955,9 +968,13 @@ class _EventScan:
                     if self._checkpoint(seq, self.cp_heads[seq], head):
                         break
                     next_cp = self._next_checkpoint(seq + 1)
-        if lines:
-            lines.append("")
-            self.rendered.update("\n".join(lines).encode("ascii"))
+        if lines and rendering is not None:
+            # Lines of events the scan rejected never reach the comparison: it stops there.
+            if self.broken is not None:
+                del lines[count - self.count:]
+            if lines:
+                lines.append("")
+                rendering.feed("\n".join(lines).encode("ascii"))
         self.prev, self.head, self.count = prev, head, count
         self.first_ns, self.last_ns = first_ns, last_ns
         return pos
@@ -973,9 +990,38 @@ class _EventScan:
 
 def _verify_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCodec | None,
                    cp_by_seq: dict[int, tuple[str, Checkpoint]],
-                   digest_ok: Callable[[str, str], bool], report: _Report) -> str | None:
-    """One streaming pass over events.bin; return sha256 of the regenerated events.jsonl."""
-    scan = _EventScan(manifest, codec, {seq: cp.head for seq, (_, cp) in cp_by_seq.items()})
+                   digest_ok: Callable[[str, str], bool], report: _Report,
+                   compare: bool) -> _RenderingCheck | None:
+    """One streaming pass over events.bin, and over events.jsonl when `compare` is set.
+
+    Returns the events.jsonl comparison (digest, first differing line), or None when it was
+    not compared.
+    """
+    if not compare:
+        _scan_events(zf, manifest, codec, cp_by_seq, digest_ok, report, None)
+        return None
+    try:
+        jsonl = zf.open(EVENTS_JSONL)
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
+        report.fail(EVENTS_JSONL, f"cannot read member from the ZIP container: {e}")
+        _scan_events(zf, manifest, codec, cp_by_seq, digest_ok, report, None)
+        return _RenderingCheck.unreadable()
+    with jsonl:
+        rendering = _RenderingCheck(jsonl)
+        if not _scan_events(zf, manifest, codec, cp_by_seq, digest_ok, report, rendering):
+            rendering.complete = False
+        if not rendering.finish(report):
+            return _RenderingCheck.unreadable()
+    return rendering
+
+
+def _scan_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCodec | None,
+                 cp_by_seq: dict[int, tuple[str, Checkpoint]],
+                 digest_ok: Callable[[str, str], bool], report: _Report,
+                 rendering: _RenderingCheck | None) -> bool:
+    """Verify events.bin; return True when every event was checked (and rendered)."""
+    scan = _EventScan(manifest, codec, {seq: cp.head for seq, (_, cp) in cp_by_seq.items()},
+                      rendering)
     file_digest = hashlib.sha256()
     rest = b""
     try:
@@ -987,7 +1033,7 @@ def _verify_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCo
                     rest = buf[scan.scan(buf):]
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
         report.fail(EVENTS, f"cannot read member from the ZIP container: {e}")
-        return None
+        return False
     if scan.broken is None and rest:
         scan.broken = f"framing: truncated frame after seq {scan.prev}"
     good = digest_ok(EVENTS, file_digest.hexdigest())
@@ -998,7 +1044,7 @@ def _verify_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCo
                         "from events.bin differs (events at or before it were altered, "
                         "removed or reordered)")
         report.fail(EVENTS, scan.broken)
-        return None
+        return False
     count, prev, first_seq = scan.count, scan.prev, scan.first_seq
     problems: list[str] = []
     if count != manifest.event_count:
@@ -1023,7 +1069,59 @@ def _verify_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCo
         skipped = "" if codec else "; seq/agent binding and gaps not checked (no codec)"
         report.ok(EVENTS, f"{count} events, chain verified seq {first_seq}..{prev} from "
                           f"start head, {len(matched)} checkpoints matched{skipped}")
-    return scan.rendered.hexdigest() if codec is not None else None
+    return True
+
+
+class _RenderingCheck:
+    """Streams events.jsonl next to the events.bin scan: hashes it for the manifest digest and
+    compares it with the regenerated lines as they come, so the regenerated text is neither
+    hashed nor read twice, and the first differing line is known without a second pass."""
+
+    def __init__(self, stream: IO[bytes] | None) -> None:
+        self._stream = stream
+        self._digest = hashlib.sha256()
+        self._lines = 0
+        self.mismatch_line: int | None = None
+        self.complete = True  # False when events.bin could not be rendered to its end
+        self.digest: str | None = None  # of events.jsonl, set by finish()
+
+    @classmethod
+    def unreadable(cls) -> _RenderingCheck:
+        """A comparison that could not read events.jsonl (already reported)."""
+        check = cls(None)
+        check.complete = False
+        return check
+
+    def feed(self, rendered: bytes) -> None:
+        """Compare the next complete lines of the regenerated rendering."""
+        assert self._stream is not None
+        actual = self._stream.read(len(rendered))
+        self._digest.update(actual)
+        if self.mismatch_line is None and actual != rendered:
+            same = 0
+            for same, (a, b) in enumerate(zip(actual, rendered, strict=False)):
+                if a != b:
+                    break
+            else:
+                same = min(len(actual), len(rendered))
+            self.mismatch_line = self._lines + rendered.count(b"\n", 0, same) + 1
+        self._lines += rendered.count(b"\n")
+
+    def finish(self, report: _Report) -> bool:
+        """Hash the rest of events.jsonl (lines beyond the rendering are a difference)."""
+        assert self._stream is not None
+        extra = False
+        try:
+            while chunk := self._stream.read(_CHUNK):
+                self._digest.update(chunk)
+                extra = True
+        except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
+            report.fail(EVENTS_JSONL, f"cannot read member from the ZIP container: {e}")
+            return False
+        if extra and self.mismatch_line is None:
+            self.mismatch_line = self._lines + 1
+        self.digest = self._digest.hexdigest()
+        return True
 
 
 def iter_frames(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
@@ -1045,15 +1143,6 @@ def iter_frames(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
         if len(body) != length:
             raise FormatError(f"truncated event at seq {seq}", EVENTS)
         yield seq, body
-
-
-def _first_rendering_mismatch(zf: zipfile.ZipFile, codec: EventCodec) -> int:
-    with zf.open(EVENTS) as events, zf.open(EVENTS_JSONL) as jsonl:
-        line = 0
-        for line, (_, event_bytes) in enumerate(iter_frames(events), start=1):
-            if jsonl.readline(MAX_EVENT_BYTES * 8) != render_line(codec, event_bytes):
-                return line
-        return line + 1
 
 
 def _verify_files(zf: zipfile.ZipFile, manifest: BundleManifest,

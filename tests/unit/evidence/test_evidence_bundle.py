@@ -32,6 +32,7 @@ from evidence_testkit import (
     write_members,
 )
 
+from evidence import bundle as bundle_module
 from evidence.bundle import TrustSet, format_report, report_to_dicts, verify_bundle
 from evidence.checkpoint import Checkpoint, sign_checkpoint
 from evidence.errors import BundleBuildError, BundleVerificationError, TrustError
@@ -354,3 +355,67 @@ def test_fast_line_encoder_equals_the_canonical_encoder() -> None:
     for bad in ({"f": float("nan")}, {"k": object()}):
         with pytest.raises((ValueError, TypeError)):
             _ENCODE_LINE(bad)
+
+
+# ------------------------------------------------- events.jsonl compared in the events.bin pass
+
+def _jsonl_resigned(edit: Any) -> bytes:
+    members = read_members(HONEST)
+    return write_members(resign(replace(members, "events.jsonl",
+                                        edit(dict(members)["events.jsonl"]))))
+
+
+@pytest.mark.parametrize("chunk", [bundle_module._CHUNK, 7, 97, 1000])
+def test_rendering_comparison_names_the_first_differing_line(
+        chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bundle_module, "_CHUNK", chunk)  # frames and lines split across reads
+    assert verify(HONEST).event_count == 40
+
+    def line(n: int) -> Any:
+        def edit(data: bytes) -> bytes:
+            lines = data.split(b"\n")
+            lines[n - 1] = lines[n - 1].replace(b"event", b"EVENT")
+            return b"\n".join(lines)
+        return edit
+    for n in (1, 17, 40):
+        assert_fails(_jsonl_resigned(line(n)), "events.jsonl", f"first difference at line {n}")
+    assert_fails(_jsonl_resigned(lambda d: d + b'{"extra":1}\n'), "events.jsonl",
+                 "first difference at line 41")
+    assert_fails(_jsonl_resigned(lambda d: d[:d.rindex(b"\n", 0, -1) + 1]), "events.jsonl",
+                 "first difference at line 40")
+    assert_fails(_jsonl_resigned(lambda d: b""), "events.jsonl", "first difference at line 1")
+
+
+def test_codec_failure_leaves_the_rendering_uncompared() -> None:
+    class Failing(JSONCodec):
+        def render(self, event_bytes: bytes) -> dict[str, Any]:
+            if b'"seq":7,' in event_bytes:
+                raise ValueError("unrenderable")
+            return super().render(event_bytes)
+    fails = failures(HONEST, codec=Failing())
+    assert ("events.bin", "event at seq 7 cannot be decoded: unrenderable") in fails
+    assert ("events.jsonl", "not compared: events.bin could not be rendered") in fails
+
+
+def test_unsafe_skip_rendering_checks_the_rest_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    forged = _jsonl_resigned(lambda d: d.replace(b"event 3", b"event 9"))
+    verified = verify_bundle(io.BytesIO(forged), trust(), JSONCodec(),
+                             unsafe_skip_rendering=True)
+    assert any(c.member == "events.jsonl" and "NOT regenerated" in c.reason
+               for c in verified.report)
+    assert "unsafe_skip_rendering" in caplog.text
+    # Everything else still counts: binding, chain and digests.
+    members = read_members(HONEST)
+    frames = parse_frames(dict(members)["events.bin"])
+    frames[9] = (10, make_event(10, agent_id="agent-evil"))
+    tampered = write_members(resign(replace(members, "events.bin", frames_bytes(frames))))
+    with pytest.raises(BundleVerificationError) as info:
+        verify_bundle(io.BytesIO(tampered), trust(), JSONCodec(), unsafe_skip_rendering=True)
+    assert any(c.member == "events.bin" and "from agent 'agent-evil'" in c.reason
+               for c in info.value.report if not c.ok)
+    naive = write_members(replace(members, "events.jsonl", b"{}\n"))
+    with pytest.raises(BundleVerificationError) as info:
+        verify_bundle(io.BytesIO(naive), trust(), JSONCodec(), unsafe_skip_rendering=True)
+    assert any(c.member == "events.jsonl" and "digest mismatch" in c.reason
+               for c in info.value.report if not c.ok)
