@@ -143,3 +143,19 @@ def test_canonical_lines_equal_the_encoded_rows() -> None:
             assert line == expected
         else:
             assert line is None  # the codec falls back to encoding render()
+
+
+def test_describe_reports_seq_agent_time_and_gap_range() -> None:
+    from evidence.bundle import EventInfo
+    from evidence.errors import FormatError
+
+    codec = ProtoEventCodec()
+    for data, _ in _golden():
+        event = pb.Event.FromString(data)
+        gap = (event.gap.first_seq, event.gap.last_seq) if event.HasField("gap") else None
+        info = codec.describe(data)
+        assert type(info) is EventInfo
+        assert info == EventInfo(event.seq, event.agent_id, event.time_ns, gap)
+    assert codec.describe(samples()[11].SerializeToString()).gap == (12, 13)
+    with pytest.raises(FormatError):
+        codec.describe(b"\x0a\xff")
