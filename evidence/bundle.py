@@ -19,9 +19,12 @@ Layout (member order is fixed; every timestamp is 1980-01-01 00:00:00)::
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
 import json.encoder as json_encoder
 import logging
+import multiprocessing
 import os
 import re
 import struct
@@ -32,7 +35,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import IO, Any, BinaryIO, NamedTuple, Protocol
+from typing import IO, Any, BinaryIO, NamedTuple, Protocol, Self
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -72,6 +75,10 @@ MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_SMALL_MEMBER_BYTES = 16 * 1024 * 1024
 MAX_SIGNED_RECORD_BYTES = 256 * 1024
 MAX_MEMBERS = 1_000_000
+PARALLEL_MIN_EVENT_BYTES = 8 * 1024 * 1024
+"""events.bin size from which verify_bundle renders events.jsonl in worker processes by
+default: below it, starting the workers costs more than they save."""
+MAX_RENDER_WORKERS = 4
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _CHUNK = 1 << 20
@@ -640,7 +647,8 @@ def _signature_reason(e: IntegrityError | TrustError) -> str:
 
 def verify_bundle(source: str | os.PathLike[str] | BinaryIO, trust: TrustSet,
                   codec: EventCodec | None = None, *,
-                  unsafe_skip_rendering: bool = False) -> VerifiedBundle:
+                  unsafe_skip_rendering: bool = False,
+                  workers: int | None = None) -> VerifiedBundle:
     """Verify a bundle offline against `trust`; return it, or raise with the full report.
 
     Order: server signature over manifest.json (signature, type, then parse); agent key
@@ -654,7 +662,12 @@ def verify_bundle(source: str | os.PathLike[str] | BinaryIO, trust: TrustSet,
     jump then fails closed, and the report says what was skipped. `unsafe_skip_rendering`
     keeps every check but the regeneration of events.jsonl (its digest is still checked); it
     exists to measure and run the signature, chain and binding core alone, logs a warning and
-    says so in the report. Raises
+    says so in the report.
+
+    `workers` processes regenerate events.jsonl while this one checks the chain; the result
+    and report are the same for any number. None picks the usable CPUs (at most
+    `MAX_RENDER_WORKERS`) for bundles whose events.bin exceeds `PARALLEL_MIN_EVENT_BYTES`,
+    else 1 (in-process). If the workers cannot run, verification is redone in-process. Raises
     BundleVerificationError (report attached) on any failure, EvidenceIOError if the file
     cannot be opened.
     """
@@ -671,11 +684,30 @@ def verify_bundle(source: str | os.PathLike[str] | BinaryIO, trust: TrustSet,
         logger.warning("unsafe_skip_rendering: events.jsonl is not regenerated from events.bin; "
                        "its content is vouched for by the server signature only")
     with zf:
-        return _verify_open(zf, trust, codec, report, render=not unsafe_skip_rendering)
+        jobs = _render_workers(zf, workers) if codec is not None and not unsafe_skip_rendering \
+            else 1
+        try:
+            return _verify_open(zf, trust, codec, report, not unsafe_skip_rendering, jobs)
+        except _RenderWorkersFailed as e:
+            logger.warning("events.jsonl rendering workers failed (%s); verifying in-process",
+                           e)
+            return _verify_open(zf, trust, codec, _Report(), not unsafe_skip_rendering, 1)
+
+
+def _render_workers(zf: zipfile.ZipFile, workers: int | None) -> int:
+    if workers is not None:
+        return max(1, workers)
+    try:
+        size = zf.getinfo(EVENTS).file_size
+    except KeyError:
+        return 1
+    if size < PARALLEL_MIN_EVENT_BYTES:
+        return 1
+    return max(1, min(MAX_RENDER_WORKERS, len(os.sched_getaffinity(0))))
 
 
 def _verify_open(zf: zipfile.ZipFile, trust: TrustSet, codec: EventCodec | None,
-                 report: _Report, render: bool = True) -> VerifiedBundle:
+                 report: _Report, render: bool = True, workers: int = 1) -> VerifiedBundle:
     names = zf.namelist()
     if len(names) != len(set(names)):
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -780,7 +812,8 @@ def _verify_open(zf: zipfile.ZipFile, trust: TrustSet, codec: EventCodec | None,
     compare = codec is not None and render and EVENTS_JSONL in present
     rendering: _RenderingCheck | None = None
     if EVENTS in present:
-        rendering = _verify_events(zf, manifest, codec, cp_by_seq, digest_ok, report, compare)
+        rendering = _verify_events(zf, manifest, codec, cp_by_seq, digest_ok, report, compare,
+                                   workers)
 
     # 6. events.jsonl is derived: it must equal what the codec regenerates from events.bin.
     if EVENTS_JSONL in present:
@@ -838,10 +871,13 @@ class _EventScan:
     """
 
     def __init__(self, manifest: BundleManifest, codec: EventCodec | None,
-                 cp_heads: dict[int, bytes], rendering: _RenderingCheck | None) -> None:
+                 cp_heads: dict[int, bytes], rendering: _RenderingCheck | None,
+                 renderer: _ParallelRendering | None = None) -> None:
         self.agent_id = manifest.agent_id
         self.codec = codec
-        self.rendering = rendering
+        # Lines are rendered here (rendering) or by worker processes (renderer), not both.
+        self.rendering = rendering if renderer is None else None
+        self.renderer = renderer
         self.cp_heads = cp_heads
         # Checkpoint seqs in order: the loops compare each seq with the next one (an int
         # compare) instead of a dict lookup per event.
@@ -855,6 +891,7 @@ class _EventScan:
         self.first_ns = 0
         self.last_ns = 0
         self.broken: str | None = None
+        self.broken_at = _NO_SEQ  # seq of the event the scan stopped at
 
     def scan(self, buf: bytes) -> int:
         """Verify every complete frame in `buf`; return the offset of the first incomplete one."""
@@ -919,6 +956,7 @@ class _EventScan:
         lines: list[str] = []
         append = lines.append
         pos, end = 0, len(buf)
+        seq = rendered_to = 0
         while pos + header <= end:
             seq, length = unpack(buf, pos)
             stop = pos + header + length
@@ -928,6 +966,7 @@ class _EventScan:
             if stop > end:
                 break
             event_bytes = buf[pos + header:stop]
+            rendered_to = stop  # rendered before the checks below, as in the serial order
             try:
                 info_seq, info_agent, t, gap = describe(event_bytes)
                 if rendering is not None:
@@ -939,6 +978,7 @@ class _EventScan:
                     append(text)
             except Exception as e:  # noqa: BLE001 - any codec failure is a finding
                 self.broken = f"event at seq {seq} cannot be decoded: {e}"
+                rendered_to = pos
                 break
             if info_seq != seq:
                 self.broken = f"framing says seq {seq} but the event says seq {info_seq}"
@@ -968,6 +1008,8 @@ class _EventScan:
                     if self._checkpoint(seq, self.cp_heads[seq], head):
                         break
                     next_cp = self._next_checkpoint(seq + 1)
+        if self.broken is not None:
+            self.broken_at = seq
         if lines and rendering is not None:
             # Lines of events the scan rejected never reach the comparison: it stops there.
             if self.broken is not None:
@@ -975,6 +1017,10 @@ class _EventScan:
             if lines:
                 lines.append("")
                 rendering.feed("\n".join(lines).encode("ascii"))
+        if self.renderer is not None and rendered_to:
+            # The workers render what the serial loop would have rendered, including an event
+            # rejected by a check after describe: its rendering failure would be reported first.
+            self.renderer.submit(buf[:max(rendered_to, pos)])
         self.prev, self.head, self.count = prev, head, count
         self.first_ns, self.last_ns = first_ns, last_ns
         return pos
@@ -991,7 +1037,7 @@ class _EventScan:
 def _verify_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCodec | None,
                    cp_by_seq: dict[int, tuple[str, Checkpoint]],
                    digest_ok: Callable[[str, str], bool], report: _Report,
-                   compare: bool) -> _RenderingCheck | None:
+                   compare: bool, workers: int) -> _RenderingCheck | None:
     """One streaming pass over events.bin, and over events.jsonl when `compare` is set.
 
     Returns the events.jsonl comparison (digest, first differing line), or None when it was
@@ -1008,7 +1054,13 @@ def _verify_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCo
         return _RenderingCheck.unreadable()
     with jsonl:
         rendering = _RenderingCheck(jsonl)
-        if not _scan_events(zf, manifest, codec, cp_by_seq, digest_ok, report, rendering):
+        if workers > 1 and codec is not None:
+            with _ParallelRendering(codec, rendering, workers) as renderer:
+                ok = _scan_events(zf, manifest, codec, cp_by_seq, digest_ok, report, rendering,
+                                  renderer)
+        else:
+            ok = _scan_events(zf, manifest, codec, cp_by_seq, digest_ok, report, rendering)
+        if not ok:
             rendering.complete = False
         if not rendering.finish(report):
             return _RenderingCheck.unreadable()
@@ -1018,22 +1070,30 @@ def _verify_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCo
 def _scan_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCodec | None,
                  cp_by_seq: dict[int, tuple[str, Checkpoint]],
                  digest_ok: Callable[[str, str], bool], report: _Report,
-                 rendering: _RenderingCheck | None) -> bool:
+                 rendering: _RenderingCheck | None,
+                 renderer: _ParallelRendering | None = None) -> bool:
     """Verify events.bin; return True when every event was checked (and rendered)."""
     scan = _EventScan(manifest, codec, {seq: cp.head for seq, (_, cp) in cp_by_seq.items()},
-                      rendering)
+                      rendering, renderer)
     file_digest = hashlib.sha256()
     rest = b""
     try:
         with zf.open(EVENTS) as f:
             while chunk := f.read(_CHUNK):
                 file_digest.update(chunk)
-                if scan.broken is None:
+                if scan.broken is None and (renderer is None or renderer.failure is None):
                     buf = rest + chunk if rest else chunk
                     rest = buf[scan.scan(buf):]
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
         report.fail(EVENTS, f"cannot read member from the ZIP container: {e}")
         return False
+    if renderer is not None:
+        renderer.finish()
+        # The serial loop stops at the first event it cannot render; the workers learn of it
+        # later, so the earliest of the two failures is the one the serial loop would report.
+        if renderer.failure is not None and renderer.failure[0] <= scan.broken_at:
+            failed_seq, message = renderer.failure
+            scan.broken = f"event at seq {failed_seq} cannot be decoded: {message}"
     if scan.broken is None and rest:
         scan.broken = f"framing: truncated frame after seq {scan.prev}"
     good = digest_ok(EVENTS, file_digest.hexdigest())
@@ -1070,6 +1130,98 @@ def _scan_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCode
         report.ok(EVENTS, f"{count} events, chain verified seq {first_seq}..{prev} from "
                           f"start head, {len(matched)} checkpoints matched{skipped}")
     return True
+
+
+class _RenderWorkersFailed(Exception):
+    """The worker processes could not run (start-up, pickling, a crashed worker)."""
+
+
+def _render_frames(codec: EventCodec, frames: bytes) -> tuple[bytes, int | None, str]:
+    """Worker side: the events.jsonl lines of complete, already framed events.
+
+    Returns (lines, None, "") or, at the first event the codec cannot render, the lines before
+    it, its seq and the error text (a finding, not a worker failure).
+    """
+    fast = _canonical_renderer(codec)
+    render, encode, unpack, header = codec.render, _ENCODE_LINE, FRAME.unpack_from, FRAME.size
+    lines: list[str] = []
+    failed: int | None = None
+    message = ""
+    pos, end = 0, len(frames)
+    while pos < end:
+        seq, length = unpack(frames, pos)
+        start, pos = pos + header, pos + header + length
+        event_bytes = frames[start:pos]
+        try:
+            text = fast(event_bytes) if fast is not None else None
+            if text is None:
+                rendered = render(event_bytes)
+                text = encode(rendered if type(rendered) is dict else dict(rendered))
+        except Exception as e:  # noqa: BLE001 - reported as a finding by the verifying process
+            failed, message = seq, str(e)
+            break
+        lines.append(text)
+    if lines:
+        lines.append("")
+    return "\n".join(lines).encode("ascii"), failed, message
+
+
+class _ParallelRendering:
+    """Renders chunks of events.bin in worker processes and feeds the lines, in order, to the
+    events.jsonl comparison. At most two chunks per worker are in flight."""
+
+    def __init__(self, codec: EventCodec, rendering: _RenderingCheck, workers: int) -> None:
+        self._codec = codec
+        self._rendering = rendering
+        self._max_pending = 2 * workers
+        self._pending: collections.deque[concurrent.futures.Future[
+            tuple[bytes, int | None, str]]] = collections.deque()
+        self.failure: tuple[int, str] | None = None  # (seq, error) of the first unrenderable
+        try:
+            # forkserver: workers never inherit the caller's threads or locks.
+            context = multiprocessing.get_context("forkserver")
+            self._executor = concurrent.futures.ProcessPoolExecutor(workers,
+                                                                    mp_context=context)
+        except (OSError, ValueError, ImportError, NotImplementedError) as e:
+            raise _RenderWorkersFailed(f"cannot start workers: {e}") from e
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, frames: bytes) -> None:
+        """Queue complete frames for rendering; collect finished chunks in order."""
+        if self.failure is not None:
+            return
+        try:
+            self._pending.append(self._executor.submit(_render_frames, self._codec, frames))
+        except RuntimeError as e:  # BrokenProcessPool or shut down
+            raise _RenderWorkersFailed(str(e)) from e
+        while self._pending and (len(self._pending) > self._max_pending
+                                 or self._pending[0].done()):
+            self._collect()
+
+    def finish(self) -> None:
+        """Wait for every queued chunk."""
+        while self._pending:
+            self._collect()
+
+    def _collect(self) -> None:
+        future = self._pending.popleft()
+        try:
+            text, failed, message = future.result()
+        except Exception as e:
+            raise _RenderWorkersFailed(f"{type(e).__name__}: {e}") from e
+        if self.failure is not None:
+            return
+        if text:
+            self._rendering.feed(text)
+        if failed is not None:
+            self.failure = (failed, message)
 
 
 class _RenderingCheck:

@@ -191,3 +191,15 @@ def resign(members: list[tuple[str, bytes]],
     raw = _canonical.dumps(manifest)
     return body + [("manifest.json", raw),
                    ("manifest.dsse.json", sign_envelope(MANIFEST_TYPE, raw, key or server_key()))]
+
+
+class RenderFailsAt(JSONCodec):
+    """A JSONCodec whose render() raises for one seq (module level: worker processes import it)."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
+    def render(self, event_bytes: bytes) -> dict[str, Any]:
+        if json.loads(event_bytes)["seq"] == self.seq:
+            raise ValueError("unrenderable")
+        return super().render(event_bytes)

@@ -16,6 +16,7 @@ from evidence_testkit import (
     AGENT_ID,
     FILE_CONTENT,
     JSONCodec,
+    RenderFailsAt,
     acquisition,
     agent_key,
     frames_bytes,
@@ -419,3 +420,71 @@ def test_unsafe_skip_rendering_checks_the_rest_and_says_so(
         verify_bundle(io.BytesIO(naive), trust(), JSONCodec(), unsafe_skip_rendering=True)
     assert any(c.member == "events.jsonl" and "digest mismatch" in c.reason
                for c in info.value.report if not c.ok)
+
+
+# ------------------------------------------------------- events.jsonl rendered by worker processes
+
+def _report(bundle: bytes, codec: Any, workers: int) -> list[tuple[str, bool, str]]:
+    try:
+        verified = verify_bundle(io.BytesIO(bundle), trust(), codec, workers=workers)
+    except BundleVerificationError as e:
+        return [(c.member, c.ok, c.reason) for c in e.report]
+    return [(c.member, c.ok, c.reason) for c in verified.report]
+
+
+def _agent_swapped_at(seq: int) -> bytes:
+    members = read_members(HONEST)
+    frames = parse_frames(dict(members)["events.bin"])
+    frames[seq - 1] = (seq, make_event(seq, agent_id="agent-evil"))
+    return write_members(resign(replace(members, "events.bin", frames_bytes(frames))))
+
+
+def _line_edited(n: int) -> bytes:
+    def edit(data: bytes) -> bytes:
+        lines = data.split(b"\n")
+        lines[n - 1] = lines[n - 1].replace(b"event", b"EVENT")
+        return b"\n".join(lines)
+    return _jsonl_resigned(edit)
+
+
+@pytest.mark.parametrize("case", [
+    "honest", "line 1", "line 33", "extra line", "render fails at 7",
+    "render fails at 7, agent swapped at 10", "render fails at 12, agent swapped at 10",
+    "render fails at 10, agent swapped at 10", "checkpoint head wrong, render fails at 20"])
+def test_worker_processes_give_the_in_process_report(
+        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bundle_module, "_CHUNK", 150)  # several chunks in flight at once
+    codec: Any = JSONCodec()
+    bundle = HONEST
+    if case.startswith("line"):
+        bundle = _line_edited(int(case.split()[1]))
+    elif case == "extra line":
+        bundle = _jsonl_resigned(lambda d: d + b"{}\n")
+    elif case.startswith("checkpoint head wrong"):
+        codec = RenderFailsAt(20)
+        members = read_members(HONEST)
+        lying = sign_checkpoint(Checkpoint(AGENT_ID, 20, b"\x00" * 32, 1), agent_key())
+        bundle = write_members(resign(replace(members, "checkpoints/20.dsse.json", lying)))
+    elif case.startswith("render fails at"):
+        codec = RenderFailsAt(int(case.split()[3].rstrip(",")))
+        if "agent swapped" in case:
+            bundle = _agent_swapped_at(10)
+    expected = _report(bundle, codec, workers=1)
+    assert _report(bundle, codec, workers=2) == expected
+    assert all(ok for _, ok, _ in expected) == (case == "honest")
+
+
+def test_unpicklable_codec_falls_back_to_in_process_rendering(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class Local(JSONCodec):  # defined in a function: worker processes cannot import it
+        pass
+    assert _report(HONEST, Local(), workers=2) == _report(HONEST, JSONCodec(), workers=1)
+    assert "verifying in-process" in caplog.text
+
+
+def test_default_workers_follow_the_size_of_events_bin(monkeypatch: pytest.MonkeyPatch) -> None:
+    with zipfile.ZipFile(io.BytesIO(HONEST)) as zf:
+        assert bundle_module._render_workers(zf, None) == 1  # small: in-process
+        assert bundle_module._render_workers(zf, 3) == 3
+        monkeypatch.setattr(bundle_module, "PARALLEL_MIN_EVENT_BYTES", 0)
+        assert 1 <= bundle_module._render_workers(zf, None) <= bundle_module.MAX_RENDER_WORKERS
