@@ -4,11 +4,13 @@ verification with a bare Python SHA-256 chain loop over the same bytes in the sa
 Prints one JSON object. Two event formats: "bench" is a tiny struct-based stand-in codec (no
 protobuf); "proto" uses real ringfence.v1 Event bytes and the server's ProtoEventCodec (what
 `ringfence bundle verify` runs). Each is verified three ways:
-  full     every check, including events.jsonl regenerated from events.bin and compared;
+  full     every check, including events.jsonl regenerated from events.bin and compared,
+           with the default rendering workers (see evidence.verify_bundle);
+  full_in_process  the same with workers=1 (everything in this process);
   core     every check but the events.jsonl regeneration (unsafe_skip_rendering): signatures,
            member digests, framing, chain, checkpoint heads and seq/agent/gap binding;
   no_codec signatures, digests, framing, chain and checkpoints only (no binding).
-Repeats interleave the floor with every variant (floor, full, core, no_codec, floor, ...), so
+Repeats interleave the floor with every variant (floor, full, ..., floor, ...), so
 load from other processes hits them alike; each reported rate is the median of --repeat runs
 and each ratio the median of the per-round ratios to that round's floor.
 Usage: .venv/bin/python bench/bundle_verify.py [--events N] [--checkpoint-every K]
@@ -125,6 +127,7 @@ def run(kind: str, events: list[bytes], codec: EventCodec, every: int,
         path = os.path.join(tmp, "bundle.zip")
         variants: dict[str, Any] = {
             "full": lambda: verify_bundle(path, trust, codec),
+            "full_in_process": lambda: verify_bundle(path, trust, codec, workers=1),
             "core": lambda: verify_bundle(path, trust, codec, unsafe_skip_rendering=True),
             "no_codec": lambda: verify_bundle(path, trust, None),
         }
@@ -191,7 +194,8 @@ def main() -> None:
         "target_ratio": 0.5,
         "results": results,
         "notes": "full = every check incl. seq/agent/gap binding and events.jsonl "
-                 "regenerated and compared; core = full minus the events.jsonl regeneration "
+                 "regenerated and compared, default rendering workers (usable CPUs: "
+                 f"{len(os.sched_getaffinity(0))}); full_in_process = the same, workers=1; core = full minus the events.jsonl regeneration "
                  "(signatures, member digests, framing, chain, checkpoints, binding); "
                  "no_codec = core without binding; chain = evidence.chain.verify_chain alone; "
                  "floor = bare hashlib loop over the same bytes, measured before each round; "
