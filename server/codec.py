@@ -16,8 +16,8 @@ from evidence.errors import FormatError
 from proto import ringfence_pb2 as pb
 from server.export import jsonl_line, to_jsonl
 
-
 _new_tuple = tuple.__new__
+_from_string = pb.Event.FromString
 
 
 def parse_event(event_bytes: bytes) -> pb.Event:
@@ -39,6 +39,14 @@ class ProtoEventCodec:
         self._last_bytes: bytes | None = None
         self._last_event = pb.Event()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to the verifier's rendering workers with every chunk: leave the cache behind.
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._last_bytes = None
+        self._last_event = pb.Event()
+
     def _parse(self, event_bytes: bytes) -> pb.Event:
         if event_bytes is self._last_bytes:
             return self._last_event
@@ -47,7 +55,12 @@ class ProtoEventCodec:
         return event
 
     def describe(self, event_bytes: bytes) -> EventInfo:
-        event = self._parse(event_bytes)
+        # The verifier describes each event first, so parse here without the cache check.
+        try:
+            event = _from_string(event_bytes)
+        except DecodeError as e:
+            raise FormatError("event bytes are not a valid ringfence Event") from e
+        self._last_bytes, self._last_event = event_bytes, event
         gap = None
         if event.HasField("gap"):
             g = event.gap

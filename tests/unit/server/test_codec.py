@@ -159,3 +159,14 @@ def test_describe_reports_seq_agent_time_and_gap_range() -> None:
     assert codec.describe(samples()[11].SerializeToString()).gap == (12, 13)
     with pytest.raises(FormatError):
         codec.describe(b"\x0a\xff")
+
+
+def test_codec_pickles_without_its_parse_cache() -> None:
+    import pickle
+
+    codec = ProtoEventCodec()
+    data, line = _golden()[0]
+    codec.describe(data)
+    copy = pickle.loads(pickle.dumps(codec))
+    assert copy._last_bytes is None
+    assert render_line(copy, data) == line
