@@ -72,6 +72,11 @@ class RunningServer:
     incident: Incident | None = None
 
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop listeners, detection and the incident workflow, then close the store.
+        Idempotent: a second call (e.g. from a test's cleanup) does nothing."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
         if self.console is not None:
             self.console.stop()
         events = [s.stop(grace_s) for s in self.servers]
@@ -82,7 +87,6 @@ class RunningServer:
         if self.incident is not None:
             self.incident.stop()
         self.store.close()
-        self.stopped.set()
 
 
 def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials) -> int:
