@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import json.encoder as json_encoder
 import logging
@@ -809,16 +810,39 @@ def _verify_open(zf: zipfile.ZipFile, trust: TrustSet, codec: EventCodec | None,
 
     # 5. Events: framing, binding, chain, checkpoint heads; in the same pass events.jsonl is
     # hashed and compared with the rendering regenerated from events.bin.
-    compare = codec is not None and render and EVENTS_JSONL in present
+    compare = codec is not None and render and EVENTS_JSONL in present and EVENTS in present
     rendering: _RenderingCheck | None = None
-    if EVENTS in present:
-        rendering = _verify_events(zf, manifest, codec, cp_by_seq, digest_ok, report, compare,
-                                   workers)
+    hashed_aside = EVENTS_JSONL in present and not compare
+    jsonl_report = _Report()  # findings of the background hash, reported in step 6's place
+    jsonl_file: IO[bytes] | None = None
+    jsonl_hash: concurrent.futures.Future[str | None] | None = None
+    with contextlib.ExitStack() as stack:
+        background = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+        if hashed_aside:
+            # Nothing else reads events.jsonl: hash it in a thread while the scan runs
+            # (inflating and hashing release the GIL). Opened here: ZipFile.open is not
+            # thread-safe, reading an opened member is.
+            try:
+                jsonl_file = zf.open(EVENTS_JSONL)
+            except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
+                jsonl_report.fail(EVENTS_JSONL, f"cannot read member from the ZIP container: {e}")
+            else:
+                # Closed after the thread is done (the ExitStack unwinds in reverse order).
+                stack.callback(jsonl_file.close)
+                stack.callback(background.shutdown)
+                jsonl_hash = background.submit(_hash_open_member, jsonl_file, EVENTS_JSONL,
+                                               jsonl_report)
+        if EVENTS in present:
+            rendering = _verify_events(zf, manifest, codec, cp_by_seq, digest_ok, report,
+                                       compare, workers)
 
     # 6. events.jsonl is derived: it must equal what the codec regenerates from events.bin.
     if EVENTS_JSONL in present:
-        actual = rendering.digest if rendering is not None else _hash_member(
-            zf, EVENTS_JSONL, report)
+        if hashed_aside:
+            actual = jsonl_hash.result() if jsonl_hash is not None else None
+            report.checks.extend(jsonl_report.checks)
+        else:
+            actual = rendering.digest if rendering is not None else None
         if actual is not None and digest_ok(EVENTS_JSONL, actual):
             if codec is None:
                 report.ok(EVENTS_JSONL, "digest matches; rendering not regenerated (no codec)")
@@ -852,11 +876,21 @@ def _verify_open(zf: zipfile.ZipFile, trust: TrustSet, codec: EventCodec | None,
 
 
 def _hash_member(zf: zipfile.ZipFile, name: str, report: _Report) -> str | None:
-    digest = hashlib.sha256()
     try:
         with zf.open(name) as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
+            return _hash_open_member(f, name, report)
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
+        report.fail(name, f"cannot read member from the ZIP container: {e}")
+        return None
+
+
+def _hash_open_member(f: IO[bytes], name: str, report: _Report) -> str | None:
+    """Hash an opened member to its end. May run in a thread: reading an opened member is
+    thread-safe, but ZipFile.open and closing a member are not, so the caller does those."""
+    digest = hashlib.sha256()
+    try:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
         report.fail(name, f"cannot read member from the ZIP container: {e}")
         return None
@@ -1078,9 +1112,11 @@ def _scan_events(zf: zipfile.ZipFile, manifest: BundleManifest, codec: EventCode
     file_digest = hashlib.sha256()
     rest = b""
     try:
-        with zf.open(EVENTS) as f:
+        # The member digest is computed by a thread, in order, while this one scans the
+        # frames: hashing a large buffer releases the GIL.
+        with zf.open(EVENTS) as f, concurrent.futures.ThreadPoolExecutor(1) as hasher:
             while chunk := f.read(_CHUNK):
-                file_digest.update(chunk)
+                hasher.submit(file_digest.update, chunk)
                 if scan.broken is None and (renderer is None or renderer.failure is None):
                     buf = rest + chunk if rest else chunk
                     rest = buf[scan.scan(buf):]
