@@ -704,7 +704,9 @@ def _render_workers(zf: zipfile.ZipFile, workers: int | None) -> int:
         return 1
     if size < PARALLEL_MIN_EVENT_BYTES:
         return 1
-    return max(1, min(MAX_RENDER_WORKERS, len(os.sched_getaffinity(0))))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every CPU counts
+    usable = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return max(1, min(MAX_RENDER_WORKERS, usable))
 
 
 def _verify_open(zf: zipfile.ZipFile, trust: TrustSet, codec: EventCodec | None,
