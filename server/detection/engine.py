@@ -1,5 +1,6 @@
 """The live detection path: every stored event is evaluated against the Sigma rules and the
-behaviour baselines on a worker thread, off the ingest thread.
+behaviour baselines off the ingest thread: a worker thread hands batches to the evaluation
+(server.detection.evaluation; by default a child process) and stores the alerts it returns.
 
 `submit()` is what ControlPlane.events_stored calls after each committed batch; it only puts
 the batch on a bounded queue and never blocks. When the queue is full the batch is not
@@ -193,9 +194,15 @@ class DetectionEngine:
             with self._cond:
                 if not self._queue and not self._behind:
                     self._cond.wait(0.2)
-                item = self._queue.popleft() if self._queue else None
-                if item is not None:
+                item = None
+                while self._queue and item is None:
+                    item = self._queue.popleft()
                     self._queued -= len(item[1])
+                    if item[0] in self._behind:
+                        # Queued before a failure put the agent behind: the catch-up reads
+                        # these events from the store. Evaluating them now would move the
+                        # cursor past the events that failed, which would never be evaluated.
+                        item = None
                 behind = next(iter(self._behind), None) if item is None else None
             try:
                 if item is not None:
