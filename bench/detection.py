@@ -8,13 +8,19 @@ each in its own process tree) into a real `ringfence server run` subprocess twic
 off (DATA/detection.json {"enabled": false}), then on (defaults: the full shipped pack and all
 baselines). Reported:
 
-- eval_eps: events/s the evaluator alone checks against the full pack + baselines (one core);
+- eval_eps: events/s the evaluator alone checks against the full pack + baselines (one core),
+  on the same mix; eval_eps_unique: the same with every command line distinct, so no verdict
+  is remembered (a third of the mix carries per-launch arguments, as real fleets do);
 - ingest_eps_without / ingest_eps_with: durable ingest with detection off / on;
 - cost: 1 - with/without (target <= 0.30);
-- latency_p50_s / latency_p99_s: alert raised_ns - the event's received_ns (target p99 < 2 s);
+- latency_p50_s / latency_p99_s: for every alerting event (each raise or repeat in the alert
+  log), the time its alert record was stored minus the time the collector received the event
+  (the event row's received_ns), target p99 < 2 s;
 - caught_up_s: how long after the last ack detection had evaluated every stored event.
 
-Prints one JSON object. Usage: python bench/detection.py [--agents 2] [--seconds 8]
+With --repeat N the whole measurement runs N times and the medians are reported, with each
+run's numbers under "runs". Prints one JSON object.
+Usage: python bench/detection.py [--agents 2] [--seconds 8] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import multiprocessing as mp
 import os
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,7 +68,7 @@ ORDINARY = [
 ATTACK = ("/usr/bin/base64", ["base64", "-d"])
 
 
-def _events(agent_id: str, first_seq: int, n: int) -> list[bytes]:
+def _events(agent_id: str, first_seq: int, n: int, unique: bool = False) -> list[bytes]:
     out = []
     now = time.time_ns()
     for i in range(n):
@@ -70,6 +77,9 @@ def _events(agent_id: str, first_seq: int, n: int) -> list[bytes]:
         p = e.process
         p.activity_id, p.source = 1, "bench"
         exe, argv = ATTACK if seq % ATTACK_EVERY == 0 else ORDINARY[seq % len(ORDINARY)]
+        if unique or seq % 3 == 0:
+            # Per-launch arguments (temporary files, build ids) defeat remembered verdicts.
+            argv = [*argv, f"/srv/app/out/build-{seq}.log"]
         p.process.exe, p.process.pid, p.process.ppid = exe.encode(), 1000 + seq % 30000, 999
         p.process.argv.extend(a.encode() for a in argv)
         p.process.user, p.process.uid, p.process.cwd = "deploy", 1000, b"/srv/app"
@@ -122,13 +132,13 @@ def _run_clients(target: str, agents: list[tuple[str, bytes, bytes, bytes]], sec
     return float(ingest._steady_rate([result], warm_s=min(2.0, seconds / 4)))
 
 
-def eval_rate(n: int = 30_000) -> float:
+def eval_rate(n: int = 30_000, unique: bool = False) -> float:
     from server.detection.baselines import BaselineConfig, Baselines
     from server.detection.engine import Evaluator, build_ruleset
     from server.detection.sigma import load_pack
 
     evaluator = Evaluator(build_ruleset(load_pack(), [], set()), Baselines(BaselineConfig()))
-    events = [pb.Event.FromString(b) for b in _events("eval-agent", 1, n)]
+    events = [pb.Event.FromString(b) for b in _events("eval-agent", 1, n, unique)]
     started = time.perf_counter()
     alerts = 0
     for e in events:
@@ -191,16 +201,12 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--agents", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=8.0)
-    args = ap.parse_args()
-
+def run_once(agents: int, seconds: float) -> dict[str, float | int]:
     from server.fleet import init_server
 
     eval_eps = eval_rate()
-    per_agent = min(400_000, int(args.seconds * 60_000 / args.agents) + BATCH)
+    eval_unique = eval_rate(unique=True)
+    per_agent = min(400_000, int(seconds * 60_000 / agents) + BATCH)
     with tempfile.TemporaryDirectory(prefix="rf-bench-detection-") as tmp:
         base = Path(tmp)
         rates = {}
@@ -209,29 +215,43 @@ def main() -> int:
             init_server(data, ["localhost", "127.0.0.1"])
             server = _serve(data, detection)
             try:
-                agents = _enroll(data, base, args.agents, str(detection))
+                enrolled = _enroll(data, base, agents, str(detection))
                 port = json.loads((data / "run" / "server.json").read_text())["collector_port"]
                 print(f"measuring ingest with detection {'on' if detection else 'off'} ...",
                       file=sys.stderr, flush=True)
-                rates[detection] = _run_clients(f"127.0.0.1:{port}", agents, args.seconds,
+                rates[detection] = _run_clients(f"127.0.0.1:{port}", enrolled, seconds,
                                                 per_agent)
                 acked_at = time.monotonic()
                 if detection:
-                    caught_up_s = _wait_caught_up(data, [a[0] for a in agents], acked_at)
+                    caught_up_s = _wait_caught_up(data, [a[0] for a in enrolled], acked_at)
             finally:
                 _stop(server)
         latencies, alerts = _latencies(base / "server-True")
     cost = 1 - rates[True] / rates[False]
-    p99 = _percentile(latencies, 0.99)
+    return {"eval_eps": round(eval_eps), "eval_eps_unique": round(eval_unique),
+            "ingest_eps_without": round(rates[False]), "ingest_eps_with": round(rates[True]),
+            "cost": round(cost, 3), "alerting_events": alerts,
+            "latency_p50_s": round(_percentile(latencies, 0.5), 3),
+            "latency_p99_s": round(_percentile(latencies, 0.99), 3),
+            "caught_up_s": round(caught_up_s, 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--agents", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+
+    runs = [run_once(args.agents, args.seconds) for _ in range(args.repeat)]
+    medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     print(json.dumps({
         "benchmark": "detection", "agents": args.agents, "seconds": args.seconds,
-        "cpus": os.cpu_count(), "rules": _rule_count(),
-        "eval_eps": round(eval_eps), "ingest_eps_without": round(rates[False]),
-        "ingest_eps_with": round(rates[True]), "cost": round(cost, 3),
-        "alerts": alerts, "latency_p50_s": round(_percentile(latencies, 0.5), 3),
-        "latency_p99_s": round(p99, 3), "caught_up_s": round(caught_up_s, 2),
+        "cpus": os.cpu_count(), "rules": _rule_count(), "repeat": args.repeat,
+        **medians,
         "target": "cost <= 0.30 and p99 < 2 s",
-        "meets_target": cost <= 0.30 and p99 < 2.0,
+        "meets_target": medians["cost"] <= 0.30 and medians["latency_p99_s"] < 2.0,
+        "runs": runs if args.repeat > 1 else None,
     }, indent=2))
     return 0
 
@@ -261,16 +281,21 @@ def _evidence_db(data: Path) -> Path:
 
 
 def _latencies(data: Path) -> tuple[list[float], int]:
+    """Per alerting event: when its alert record (raise or repeat) was stored minus when the
+    collector received the event. Sigma alerts only (baselines are learning in a fresh run)."""
     with sqlite3.connect(data / "detection.sqlite") as det:
-        rows = det.execute("SELECT raised_ns, events FROM alerts WHERE source = 'sigma'").fetchall()
+        rows = det.execute(
+            "SELECT l.time_ns, l.body FROM alert_log l JOIN alerts a USING (alert_id) "
+            "WHERE a.source = 'sigma' AND l.kind IN ('raised', 'repeated')").fetchall()
     out = []
     with sqlite3.connect(_evidence_db(data)) as ev:
-        for raised_ns, refs in rows:
-            agent_id, seq = json.loads(refs)[0]
+        for stored_ns, body in rows:
+            agent_id, seq = json.loads(body)["event"]
             received = ev.execute("SELECT received_ns FROM events WHERE agent_id = ? AND seq = ?",
                                   (agent_id, seq)).fetchone()
-            if received:
-                out.append((raised_ns - received[0]) / 1e9)
+            if received is None:
+                raise SystemExit(f"alert names event {agent_id} #{seq}, which is not stored")
+            out.append((stored_ns - received[0]) / 1e9)
     return out, len(rows)
 
 
