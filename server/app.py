@@ -13,10 +13,11 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
-from collector.rpc import CollectorService
+from collector.rpc import CollectorListener, CollectorService
 from collector.store.base import Store
 from evidence.keys import load_private_key, public_key_bytes
 from proto import ringfence_pb2_grpc as pb_grpc
@@ -51,11 +52,19 @@ class RunConfig:
     admin: str = "127.0.0.1:8444"         # admin API (responders, mutual TLS)
     enroll: str = "0.0.0.0:8442"          # enrollment (TLS, server-authenticated only)
     advertise: tuple[str, ...] = ()       # collector addresses for isolation policies
-    max_sessions: int = 1000
+    max_sessions: int = 10_000            # concurrent agent streams (RESOURCE_EXHAUSTED above)
     detection: DetectionConfig | None = None  # None: DATA/detection.json, else defaults
     store: str = ""                       # PostgreSQL URL; "" = as recorded in the data dir
     console: str | None = None            # web console + /metrics HOST:PORT; None = off
     console_url: str = ""                 # base URL in login links (default http://HOST:PORT)
+
+
+class Listener(Protocol):
+    """What RunningServer needs of a listener: grpc.Server and CollectorListener alike."""
+
+    def start(self) -> None: ...
+
+    def stop(self, grace: float | None) -> threading.Event: ...
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,7 @@ class RunningServer:
     """Handles to a started server; `ports` holds the bound ports (useful with port 0)."""
 
     ports: dict[str, int]
-    servers: tuple[grpc.Server, ...]
+    servers: tuple[Listener, ...]
     store: Store
     stopped: threading.Event
     console: ConsoleServer | None = None
@@ -122,15 +131,16 @@ def start(config: RunConfig) -> RunningServer:
     options = server_options()
     enroll_server = grpc.server(futures.ThreadPoolExecutor(8, thread_name_prefix="enroll"),
                                 options=options)
-    # Each agent session holds one worker thread for its stream; the pool bounds sessions.
-    collector_server = grpc.server(
-        futures.ThreadPoolExecutor(config.max_sessions + 16, thread_name_prefix="collector"),
-        options=options, maximum_concurrent_rpcs=config.max_sessions)
     admin_server = grpc.server(futures.ThreadPoolExecutor(16, thread_name_prefix="admin"),
                                options=options)
+    # Agent sessions are asyncio streams on the collector's own event-loop thread: an idle
+    # session costs about 100 KB, not a thread (enrollment and admin stay thread-pooled).
+    collector = CollectorListener(
+        CollectorService(store, node.control_plane(control), registry), config.listen, mutual,
+        options, config.max_sessions)
     ports = {
+        "collector": collector.bind(),
         "enroll": _bind(enroll_server, config.enroll, tls_only),
-        "collector": _bind(collector_server, config.listen, mutual),
         "admin": _bind(admin_server, config.admin, mutual),
     }
 
@@ -140,8 +150,6 @@ def start(config: RunConfig) -> RunningServer:
     pb_grpc.add_EnrollmentServicer_to_server(
         EnrollmentService(Enrollment(store, ca, public_key_bytes(signing_key.public_key()),
                                      ports["collector"])), enroll_server)
-    pb_grpc.add_CollectorServicer_to_server(
-        CollectorService(store, node.control_plane(control), registry), collector_server)
     incident = build_incident(admin, store, paths)
     detection.engine.add_alert_listener(AlertBridge(incident.alerts, store))
     incident.alerts.set_lookup(alert_lookup(detection.dstore, store))
@@ -158,7 +166,7 @@ def start(config: RunConfig) -> RunningServer:
     pb_grpc.add_AdminServicer_to_server(AdminService.with_incident(incident, admin, store,
                                                                    bundles.stream, issuer),
                                         admin_server)
-    for s in (enroll_server, collector_server, admin_server):
+    for s in (enroll_server, collector, admin_server):
         s.start()
     node.start()
     if console is not None:
@@ -171,5 +179,5 @@ def start(config: RunConfig) -> RunningServer:
         "enroll_port": ports["enroll"], "console_port": ports.get("console", 0)}))
     logger.info("ringfence server listening: enroll %s, collector %s, admin %s, console %s",
                 ports["enroll"], ports["collector"], ports["admin"], ports.get("console", "off"))
-    return RunningServer(ports, (enroll_server, collector_server, admin_server), store,
+    return RunningServer(ports, (enroll_server, collector, admin_server), store,
                          stopped, console, metrics, detection, incident)

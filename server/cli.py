@@ -664,8 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "console sits behind a proxy")
     p.add_argument("--store", help="postgresql://... URL of a shared store (default: the one "
                    "recorded by `server migrate`, else DATA/ringfence.db)")
-    p.add_argument("--max-sessions", type=int, default=1000,
-                   help="agent streams this node holds at once (each holds a thread)")
+    p.add_argument("--max-sessions", type=int, default=10_000,
+                   help="agent streams this node holds at once; more are refused with "
+                        "RESOURCE_EXHAUSTED (default 10000)")
     p.set_defaults(func=cmd_server_run)
     cli_scale.register(sub, server)
 

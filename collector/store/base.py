@@ -18,7 +18,7 @@ import abc
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -215,6 +215,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def agent_seen(self, agent_id: str, now_ns: int, version: str | None,
                    sensors: dict[str, str] | None) -> None: ...
+
+    def agents_seen(self, seen: Mapping[str, int]) -> None:
+        """Move `last_seen_ns` forward for many agents at once (agent id -> time); a time older
+        than the stored one changes nothing. Backends override this with one transaction."""
+        for agent_id, now_ns in seen.items():
+            self.agent_seen(agent_id, now_ns, None, None)
 
     @abc.abstractmethod
     def set_isolation(self, agent_id: str, state: str, reason: str, now_ns: int) -> None: ...

@@ -19,7 +19,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -366,6 +366,14 @@ class PostgreSQLStore(Store):
                         (now_ns, version,
                          None if sensors is None else json.dumps(sensors, sort_keys=True),
                          agent_id))
+
+    def agents_seen(self, seen: Mapping[str, int]) -> None:
+        if not seen:
+            return
+        with self._tx() as cur:
+            # Sorted ids keep the row-lock order fixed against concurrent ingest.
+            cur.executemany("UPDATE agents SET last_seen_ns = %s WHERE agent_id = %s AND "
+                            "last_seen_ns < %s", [(seen[a], a, seen[a]) for a in sorted(seen)])
 
     def set_isolation(self, agent_id: str, state: str, reason: str, now_ns: int) -> None:
         with self._tx() as cur:

@@ -13,7 +13,7 @@ import logging
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -232,6 +232,13 @@ class SQLiteStore(Store):
             if sensors is not None:
                 db.execute("UPDATE agents SET sensors = ? WHERE agent_id = ?",
                            (json.dumps(sensors, sort_keys=True), agent_id))
+
+    def agents_seen(self, seen: Mapping[str, int]) -> None:
+        if not seen:
+            return
+        with self._tx() as db:
+            db.executemany("UPDATE agents SET last_seen_ns = ? WHERE agent_id = ? AND "
+                           "last_seen_ns < ?", [(ns, a, ns) for a, ns in seen.items()])
 
     def set_isolation(self, agent_id: str, state: str, reason: str, now_ns: int) -> None:
         with self._tx() as db:
