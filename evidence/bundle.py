@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import re
 import struct
+import sys
 import tempfile
 import time
 import uuid
@@ -703,6 +704,10 @@ def _render_workers(zf: zipfile.ZipFile, workers: int | None) -> int:
     except KeyError:
         return 1
     if size < PARALLEL_MIN_EVENT_BYTES:
+        return 1
+    if getattr(sys, "frozen", False):
+        # A frozen (PyInstaller) executable starts its worker processes through its own entry
+        # point; in-process rendering needs no such cooperation, so it is the default there.
         return 1
     affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every CPU counts
     usable = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)

@@ -488,3 +488,13 @@ def test_default_workers_follow_the_size_of_events_bin(monkeypatch: pytest.Monke
         assert bundle_module._render_workers(zf, 3) == 3
         monkeypatch.setattr(bundle_module, "PARALLEL_MIN_EVENT_BYTES", 0)
         assert 1 <= bundle_module._render_workers(zf, None) <= bundle_module.MAX_RENDER_WORKERS
+
+
+def test_frozen_executables_render_in_process_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setattr(bundle_module, "PARALLEL_MIN_EVENT_BYTES", 0)
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    with zipfile.ZipFile(io.BytesIO(HONEST)) as zf:
+        assert bundle_module._render_workers(zf, None) == 1
+        assert bundle_module._render_workers(zf, 2) == 2  # an explicit choice still counts
