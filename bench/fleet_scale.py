@@ -50,7 +50,7 @@ PG_DSN = os.environ.get("RINGFENCE_TEST_PG_DSN", "postgresql://postgres@127.0.0.
 
 
 class Server:
-    def __init__(self, data: Path, log: Path, max_sessions: int = 1000) -> None:
+    def __init__(self, data: Path, log: Path, max_sessions: int = 10_000) -> None:
         self.log = log
         out = log.open("wb")
         self.proc = subprocess.Popen(
@@ -111,35 +111,93 @@ def fresh_fleet(base: Path, name: str) -> Path:
 
 # -- 1. sessions per process ---------------------------------------------------------------------
 
+def _tree_cpu_s(proc: psutil.Process) -> float:
+    """CPU seconds (user + system) of a process and its children."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the load generator and its worker processes (they would outlive it)."""
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        kids = []
+    proc.send_signal(signal.SIGKILL)
+    for kid in kids:
+        try:
+            kid.kill()
+        except psutil.Error:
+            pass
+    proc.wait(timeout=30)
+
+
+def seen_since(data: Path, since_ns: int) -> int:
+    """Agents whose last-seen time (heartbeats, coalesced by the collector) is >= since_ns."""
+    store = open_store(str(ServerPaths(data).database))
+    try:
+        return sum(1 for a in store.list_agents() if a.last_seen_ns >= since_ns)
+    finally:
+        store.close()
+
+
 def sessions_step(base: Path, n: int, hold_s: float, max_sessions: int) -> dict[str, Any]:
     data = fresh_fleet(base, f"sessions-{n}")
     server = Server(data, base / f"server-{n}.log", max_sessions)
+    ramp_s = max(60.0, n / 25)
+    time.sleep(2.0)
+    idle_rss = server.rss()
+    sproc = psutil.Process(server.proc.pid)
+    server_cpu0 = _tree_cpu_s(sproc)
     peak_rss, held, started = 0, 0, time.monotonic()
+    reached_s, held_at_end, seen, gen_cpu = 0.0, 0, 0, 0.0
     try:
-        gen = loadgen(server, data, n, duration=max(60.0, n / 50) + hold_s,
+        gen = loadgen(server, data, n, duration=ramp_s + hold_s + 30,
                       out=base / f"loadgen-{n}.json")
+        gproc = psutil.Process(gen.pid)
         try:
-            deadline = time.monotonic() + max(60.0, n / 50)
+            deadline = time.monotonic() + ramp_s
             while time.monotonic() < deadline and gen.poll() is None:
+                gen_cpu = max(gen_cpu, _tree_cpu_s(gproc))
                 peak_rss = max(peak_rss, server.rss())
                 held = max(held, online(data))
                 if held >= n:
                     break
                 time.sleep(1.0)
             reached_s = time.monotonic() - started
+            # Hold at least one heartbeat interval: every agent must heartbeat in it, and the
+            # collector's coalesced last-seen writes must record each of them.
+            hold_start_ns = time.time_ns()
             hold_end = time.monotonic() + hold_s
             while time.monotonic() < hold_end and gen.poll() is None:
+                gen_cpu = max(gen_cpu, _tree_cpu_s(gproc))
                 peak_rss = max(peak_rss, server.rss())
                 held = max(held, online(data))
                 time.sleep(1.0)
+            held_at_end = online(data)
+            time.sleep(2.0)   # one more flush of coalesced heartbeats
+            seen = seen_since(data, hold_start_ns)
         finally:
-            gen.send_signal(signal.SIGKILL)
-            gen.wait(timeout=30)
+            _kill_tree(gen)
+        server_threads = sproc.num_threads()
+        server_cpu = _tree_cpu_s(sproc) - server_cpu0
     finally:
         server.stop()
-    return {"agents": n, "online": held, "rss_mb": peak_rss >> 20, "max_sessions": max_sessions,
+    return {"agents": n, "online": held, "online_at_end_of_hold": held_at_end,
+            "heartbeats_seen_in_hold": seen, "hold_s": hold_s,
+            "rss_mb": peak_rss >> 20, "idle_rss_mb": idle_rss >> 20,
+            "kb_per_session": round((peak_rss - idle_rss) / 1024 / max(held, 1), 1),
+            "server_threads": server_threads, "server_cpu_s": round(server_cpu, 1),
+            "loadgen_cpu_s": round(gen_cpu, 1), "max_sessions": max_sessions,
             "time_to_online_s": round(reached_s, 1),
-            "ok": held >= n and peak_rss <= RSS_CAP}
+            "ok": held >= n and held_at_end >= n and peak_rss <= RSS_CAP
+            and (hold_s < 30 or seen >= n)}
 
 
 # -- 2. isolate 100 at once ----------------------------------------------------------------------
@@ -189,8 +247,7 @@ def isolate_100(base: Path, agents: int = 100) -> dict[str, Any]:
                 for c in clients:
                     c.close()
         finally:
-            gen.send_signal(signal.SIGKILL)
-            gen.wait(timeout=30)
+            _kill_tree(gen)
     finally:
         server.stop()
     return {"agents": len(ids), "issued_s": round(issued_s, 3),
@@ -278,24 +335,29 @@ def pg_ingest(batches: int = 30, batch: int = 2000) -> dict[str, Any]:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--max-agents", type=int, default=10_000)
-    p.add_argument("--steps", default="250,500,1000,2000,4000,10000")
-    p.add_argument("--hold", type=float, default=10.0, help="seconds to hold each step")
+    p.add_argument("--steps", default="1000,2500,5000,10000")
+    p.add_argument("--hold", type=float, default=40.0,
+                   help="seconds to hold each step (>= 30: every agent heartbeats in it)")
+    p.add_argument("--skip-isolate", action="store_true")
+    p.add_argument("--skip-pg", action="store_true")
     p.add_argument("--skip-sessions", action="store_true")
     p.add_argument("--max-sessions", type=int, default=0,
-                   help="server run --max-sessions (default: N of the step, so the thread "
-                        "design itself is what is measured; 1000 = the shipped default)")
+                   help="server run --max-sessions (default: the shipped default, 10,000, or "
+                        "N of the step when larger)")
     args = p.parse_args()
     report: dict[str, Any] = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="rf-fleet-scale-") as tmp:
         base = Path(tmp)
-        report["pg_ingest"] = pg_ingest()
-        report["isolate_100"] = isolate_100(base)
+        if not args.skip_pg:
+            report["pg_ingest"] = pg_ingest()
+        if not args.skip_isolate:
+            report["isolate_100"] = isolate_100(base)
         if not args.skip_sessions:
             steps, held = [], 0
             for n in (int(s) for s in args.steps.split(",")):
                 if n > args.max_agents:
                     break
-                step = sessions_step(base, n, args.hold, args.max_sessions or n)
+                step = sessions_step(base, n, args.hold, args.max_sessions or max(n, 10_000))
                 steps.append(step)
                 if not step["ok"]:
                     break
