@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from collector.rpc import SessionRegistry
 from collector.store.base import (
+    GENESIS_AUDIT,
     AgentRecord,
     AuditRow,
     CommandRow,
@@ -31,8 +32,8 @@ from collector.store.base import (
     IntegrityAlertRow,
     NotFound,
     Store,
+    audit_record_hash,
 )
-from collector.store.base import GENESIS_AUDIT, audit_record_hash
 from isolation import Policy, PolicyError
 from isolation.policy import POLICY_VERSION
 from server.commands import CommandQueue

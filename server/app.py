@@ -23,6 +23,7 @@ from evidence.keys import load_private_key, public_key_bytes
 from proto import ringfence_pb2_grpc as pb_grpc
 from proto.limits import server_options
 from server.admin import Admin
+from server.alert_bridge import AlertBridge, alert_lookup
 from server.bundles import BundleService
 from server.cluster import ClusterNode, ClusterSessions, new_node_id
 from server.commands import CommandQueue
@@ -33,7 +34,6 @@ from server.control import BlobStore, ControlPlane
 from server.detection.engine import DetectionConfig
 from server.detection.service import DetectionAdmin, DetectionRuntime
 from server.fleet import Enrollment, load_config
-from server.alert_bridge import AlertBridge, alert_lookup
 from server.incident import Incident, build_incident
 from server.metrics import MeteredControlPlane, ServerMetrics
 from server.pki import CertificateAuthority, ServerPaths

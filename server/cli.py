@@ -19,27 +19,33 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.logs import LOG_FORMATS, configure_logging
 from collector.store.base import NotFound, Store, StoreError
 from collector.store.sqlite import token_digest
 from evidence.bundle import TrustSet, report_to_dicts, verify_bundle
 from evidence.errors import BundleVerificationError, EvidenceError
 from evidence.keys import load_public_key, public_key_from_bytes
 from proto import ringfence_pb2 as pb
+from server import cli_scale, cli_ux
 from server.admin import InvalidRequest
+from server.cli_packaging import register as register_packaging_commands
+from server.cli_ux import EXIT_EPILOG, print_table
 from server.codec import ProtoEventCodec, parse_event
+from server.detection import DetectionError
 from server.export import summary, to_jsonl, to_ocsf, to_timesketch
-from server.fleet import FleetError, create_responder, create_token, init_server, load_config
-from server.fleet import TOKEN_ID_HEX, token_id
-from server.fleet import parse_duration
+from server.fleet import (
+    TOKEN_ID_HEX,
+    FleetError,
+    create_responder,
+    create_token,
+    init_server,
+    load_config,
+    parse_duration,
+    token_id,
+)
 from server.pki import CertificateAuthority, Identity, PKIError, ServerPaths
 from server.rpc import AdminClient, ClientError, ServerAddress
-from server import cli_ux
-from server.cli_ux import EXIT_EPILOG, print_table
-from agent.logs import LOG_FORMATS, configure_logging
-from server.detection import DetectionError
-from server import cli_scale
 from server.storage import StorageConfigError, open_server_store
-from server.cli_packaging import register as register_packaging_commands
 
 logger = logging.getLogger("ringfence")
 
@@ -82,14 +88,14 @@ def parse_time(text: str | None) -> int:
         raise CLIError(f"{text!r} is not a time: use 15m, 2h, 7d, an ISO 8601 time or epoch "
                        "seconds") from e
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=datetime.timezone.utc)
+        dt = dt.replace(tzinfo=datetime.UTC)
     return int(dt.timestamp() * 1e9)
 
 
 def fmt_time(ns: int) -> str:
     if not ns:
         return "-"
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).strftime(
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).strftime(
         "%Y-%m-%d %H:%M:%S")
 
 

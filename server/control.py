@@ -54,7 +54,7 @@ ISOLATION_AFTER_TRANSITION = {
 @dataclass
 class _Transfer:
     path: Path
-    digest: "hashlib._Hash"
+    digest: hashlib._Hash
     size: int = 0
 
 

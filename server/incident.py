@@ -21,8 +21,8 @@ from server.alerting import AlertHub
 from server.cases import CaseService, SQLiteCaseStore
 from server.containment import Containment, KillSpec
 from server.notify import Notification, Notifier, NotifyConfig
-from server.playbooks import PlaybookConfig, PlaybookEngine
 from server.pki import ServerPaths
+from server.playbooks import PlaybookConfig, PlaybookEngine
 from server.report import report_data
 from server.story import Story
 

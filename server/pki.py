@@ -106,7 +106,7 @@ def write_secret(path: Path, data: bytes) -> None:
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -33,7 +33,7 @@ HOST_SLACK_NS = 3600 * 1_000_000_000
 def _fmt(ns: int) -> str:
     if not ns:
         return "-"
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).strftime(
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).strftime(
         "%Y-%m-%d %H:%M:%S UTC")
 
 

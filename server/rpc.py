@@ -24,11 +24,11 @@ from proto import ringfence_pb2_grpc as pb_grpc
 from proto.limits import UNARY_DEADLINE_S, client_options
 from server.admin import Actor, Admin, AdminError, AllowSpec, InvalidRequest, PermissionDenied
 from server.console import ConsoleLoginGrant
-from server.incident import Incident, to_json
 from server.detection import DetectionError, DetectionStoreError
 from server.detection.records import Alert
 from server.detection.service import DetectionAdmin
 from server.fleet import Enrollment, EnrollmentRefused
+from server.incident import Incident, to_json
 from server.pki import Identity
 
 logger = logging.getLogger(__name__)
