@@ -111,6 +111,8 @@ class CompiledRule:
     anchors: frozenset[str] | None = None
     # Record fields the rule reads; None when it searches every value (keywords).
     fields: frozenset[str] | None = frozenset()
+    # The resolved condition trees (OR-ed), from which RuleIndex generates its matchers.
+    trees: tuple[object, ...] = field(default=(), repr=False, compare=False)
 
     def matches(self, facts: Facts) -> bool:
         return self.predicate(facts)
@@ -283,8 +285,9 @@ def _leaf(name: str, value: object) -> Predicate:
 _ALL_FIELDS = frozenset().union(*RINGFENCE_FIELDS.values())
 
 
-def _string_group(name: str | None, values: Iterable[object]) -> Predicate:
-    """OR of string/number/bool/regex values on one field (None: keyword search)."""
+def _string_parts(name: str | None, values: Iterable[object]) -> list[tuple[_Strings, int]]:
+    """The patterns of an OR of string/number/bool/regex values on one field (None: keyword
+    search), each with the view it tests: 1 lower-cased, 0 raw."""
     folded, cased, raw_regex = _Strings(), _Strings(), _Strings()
     for value in values:
         if isinstance(value, SigmaCasedString):
@@ -309,12 +312,14 @@ def _string_group(name: str | None, values: Iterable[object]) -> Predicate:
         for strings in (folded, cased):
             strings.contains.extend(sorted(strings.eq))
             strings.eq.clear()
-    preds: list[Predicate] = []
-    for strings, view in ((folded, 1), (cased, 0), (raw_regex, 0)):
-        if not strings.empty():
-            preds.append(strings.keyword(view) if name is None else
-                         strings.predicate(view, name))
-    return _or(preds)
+    return [(strings, view) for strings, view in ((folded, 1), (cased, 0), (raw_regex, 0))
+            if not strings.empty()]
+
+
+def _string_group(name: str | None, values: Iterable[object]) -> Predicate:
+    """OR of string/number/bool/regex values on one field (None: keyword search)."""
+    return _or([strings.keyword(view) if name is None else strings.predicate(view, name)
+                for strings, view in _string_parts(name, values)])
 
 
 _STRINGISH = (SigmaString, SigmaNumber, SigmaBool, SigmaRegularExpression)
@@ -492,7 +497,7 @@ def compile_rule(rule: SigmaRule, source: str) -> LoadedRule:
         anchors = frozenset().union(*(a for a in anchor_sets if a is not None))
     fields = (None if any(f is None for f in field_sets) else
               frozenset().union(*(f for f in field_sets if f is not None)))
-    return CompiledRule(info, predicate, anchors, fields)
+    return CompiledRule(info, predicate, anchors, fields, tuple(trees))
 
 
 def load_yaml(text: str, source: str) -> list[LoadedRule]:
@@ -546,6 +551,175 @@ def load_pack(directory: Path = PACK_DIR) -> list[LoadedRule]:
     return out
 
 
+# -- generated matchers ---------------------------------------------------------------------
+#
+# The closures above are the reference evaluator: one call per condition node. The live path
+# instead runs one generated Python function per log source category, compiled once when the
+# index is built: each field value is fetched once into a local, needles are constants in the
+# source (lower-cased at load), regular expressions are precompiled, and each rule's condition
+# is one inline boolean expression. tests/unit/server/detection/test_detection_codegen.py
+# checks that both give exactly the same matches.
+
+Matcher = Callable[[Facts], list[int]]
+
+
+class _Source:
+    """Constants and field locals of generated code. Constants live in one namespace shared
+    by every function of an index; locals are per function."""
+
+    def __init__(self, namespace: dict[str, object]) -> None:
+        self.namespace = namespace
+        self.locals: dict[tuple[int, str], str] = {}
+
+    def const(self, value: object) -> str:
+        name = f"_k{len(self.namespace)}"
+        self.namespace[name] = value
+        return name
+
+    def var(self, view: int, name: str) -> str:
+        local = self.locals.get((view, name))
+        if local is None:
+            local = self.locals[(view, name)] = f"{'rl'[view]}{len(self.locals)}"
+        return local
+
+    def prologue(self) -> list[str]:
+        return [f"    {local} = {'low' if view else 'raw'}[{name!r}]"
+                for (view, name), local in self.locals.items()]
+
+
+def _strings_expr(src: _Source, name: str, values: Iterable[object]) -> str:
+    alternatives = []
+    for strings, view in _string_parts(name, values):
+        v = src.var(view, name)
+        tests = []
+        if len(strings.eq) == 1:
+            tests.append(f"{v} == {next(iter(strings.eq))!r}")
+        elif strings.eq:
+            tests.append(f"{v} in {src.const(frozenset(strings.eq))}")
+        if strings.starts:
+            tests.append(f"{v}.startswith({tuple(strings.starts)!r})")
+        if strings.ends:
+            tests.append(f"{v}.endswith({tuple(strings.ends)!r})")
+        tests.extend(f"{c!r} in {v}" for c in strings.contains)
+        tests.extend(f"{src.const(r)}.search({v}) is not None" for r in strings.regexes)
+        alternatives.append(f"({v} is not None and ({' or '.join(tests)}))")
+    return "(" + " or ".join(alternatives) + ")" if alternatives else "False"
+
+
+def _leaf_expr(src: _Source, name: str, value: object) -> str:
+    if isinstance(value, SigmaNull):
+        return f"({src.var(0, name)} is None)"
+    if isinstance(value, SigmaExists):
+        return f"({src.var(0, name)} is {'not ' if value.exists else ''}None)"
+    if isinstance(value, SigmaFieldReference) and value.field in _ALL_FIELDS:
+        a, b = src.var(1, name), src.var(1, value.field)
+        test = (f"{a}.startswith({b})" if value.starts_with else
+                f"{a}.endswith({b})" if value.ends_with else f"{a} == {b}")
+        return f"({a} is not None and {b} is not None and {test})"
+    # CIDR and numeric comparisons are rare: the reference closure does them.
+    return f"{src.const(_leaf(name, value))}(facts)"
+
+
+def _expr(src: _Source, node: object) -> str:
+    """A condition tree as one Python boolean expression (the same semantics as _compile)."""
+    if isinstance(node, ConditionAND):
+        return "(" + " and ".join(_expr(src, a) for a in node.args) + ")"
+    if isinstance(node, ConditionNOT):
+        return f"(not {_expr(src, node.args[0])})"
+    if isinstance(node, ConditionOR):
+        groups: dict[str | None, list[object]] = {}
+        parts: list[str] = []
+        for a in node.args:
+            if isinstance(a, ConditionFieldEqualsValueExpression) and isinstance(a.value,
+                                                                                 _STRINGISH):
+                groups.setdefault(a.field, []).append(a.value)
+            elif isinstance(a, ConditionValueExpression) and isinstance(a.value, _STRINGISH):
+                groups.setdefault(None, []).append(a.value)
+            else:
+                parts.append(_expr(src, a))
+        for name, values in groups.items():
+            parts.insert(0, _keyword_expr(src, values) if name is None else
+                         _strings_expr(src, name, values))
+        return "(" + " or ".join(parts) + ")" if parts else "False"
+    if isinstance(node, ConditionFieldEqualsValueExpression):
+        if isinstance(node.value, SigmaExpansion):
+            return "(" + " or ".join(
+                _expr(src, ConditionFieldEqualsValueExpression(node.field, v))
+                for v in node.value.values) + ")"
+        if isinstance(node.value, _STRINGISH):
+            return _strings_expr(src, node.field, [node.value])
+        return _leaf_expr(src, node.field, node.value)
+    if isinstance(node, ConditionValueExpression) and isinstance(node.value, _STRINGISH):
+        return _keyword_expr(src, [node.value])
+    raise Unsupported(f"condition element {type(node).__name__} is not supported")
+
+
+def _keyword_expr(src: _Source, values: list[object]) -> str:
+    # Keyword searches read every field; the reference closure does them.
+    return f"{src.const(_string_group(None, values))}(facts)"
+
+
+def _rule_expr(src: _Source, rule: CompiledRule) -> str:
+    if rule.trees:
+        try:
+            return " or ".join(_expr(src, t) for t in rule.trees)
+        except Unsupported:
+            pass
+    return f"{src.const(rule.predicate)}(facts)"
+
+
+def _function(name: str, signature: str, head: list[str], src: _Source,
+              rules: Iterable[tuple[int, CompiledRule]], tail: list[str]) -> list[str]:
+    body = [f"    if {_rule_expr(src, rule)}:\n        out.append({i})  # {rule.info.rule_id}"
+            for i, rule in rules]
+    return [f"def {name}({signature}):", *head, *src.prologue(), *body, *tail, ""]
+
+
+def generate_matchers(rules: Sequence[CompiledRule]) -> tuple[str, dict[str, Matcher]]:
+    """The source of one function per category, and the functions. A function returns the
+    indexes (into `rules`) of the rules that match, in the order RuleIndex.candidates checks
+    them: rules without an executable anchor, then the ones anchored on the event's."""
+    namespace: dict[str, object] = {}
+    lines: list[str] = []
+    names: dict[str, str] = {}
+    # Per category: executable base name -> generated function, filled once they exist.
+    dispatches: list[tuple[dict[str, Callable[..., None]], dict[str, str]]] = []
+    categories = list(dict.fromkeys(r.info.category for r in rules))
+    for c, category in enumerate(categories):
+        here = [(i, r) for i, r in enumerate(rules) if r.info.category == category]
+        by_exe: dict[str, list[tuple[int, CompiledRule]]] = {}
+        for i, r in here:
+            for exe in sorted(r.anchors or ()):
+                by_exe.setdefault(exe, []).append((i, r))
+        table: dict[str, str] = {}
+        for x, (exe, anchored) in enumerate(sorted(by_exe.items())):
+            table[exe] = f"_c{c}_exe{x}"
+            lines += _function(table[exe], "facts, raw, low, out", [], _Source(namespace),
+                               anchored, [])
+        head = ["    raw, low = facts", "    out = []"]
+        tail = ["    return out"]
+        if table:
+            functions: dict[str, Callable[..., None]] = {}
+            dispatches.append((functions, table))
+            dispatch = _Source(namespace).const(functions)
+            tail = ["    exe = low['process.exe']",
+                    "    if exe is not None:",
+                    f"        anchored = {dispatch}.get(exe.rsplit('/', 1)[-1])",
+                    "        if anchored is not None:",
+                    "            anchored(facts, raw, low, out)",
+                    "    return out"]
+        names[category] = f"_c{c}"
+        lines += _function(names[category], "facts", head, _Source(namespace),
+                           ((i, r) for i, r in here if r.anchors is None), tail)
+    source = "\n".join(lines)
+    exec(compile(source, "<ringfence generated matchers>", "exec"), namespace)  # noqa: S102
+    for functions, table in dispatches:
+        functions.update((exe, namespace[fn]) for exe, fn in table.items())  # type: ignore[misc]
+    matchers: dict[str, Matcher] = {
+        category: namespace[fn] for category, fn in names.items()}  # type: ignore[misc]
+    return source, matchers
+
+
 class RuleIndex:
     """Compiled rules by category and anchor executable name: what to check for an event."""
 
@@ -575,6 +749,7 @@ class RuleIndex:
                     *(r.fields for r in rules_here if r.fields is not None))))
         self._memo: dict[tuple[object, ...], list[CompiledRule]] = {}
         self.memo_hits = self.memo_misses = 0
+        self.source, self._matchers = generate_matchers(self.rules)
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -590,17 +765,29 @@ class RuleIndex:
         anchored = by_exe.get(exe.rsplit("/", 1)[-1])
         return always + anchored if anchored else always
 
+    def match_reference(self, category: str, facts: Facts) -> list[CompiledRule]:
+        """The matching rules by the reference closures (no memo): what match() must equal."""
+        return [r for r in self.candidates(category, facts) if r.predicate(facts)]
+
+    def match_generated(self, category: str, facts: Facts) -> list[CompiledRule]:
+        """The matching rules by the generated function of the category (no memo)."""
+        matcher = self._matchers.get(category)
+        if matcher is None:
+            return []
+        rules = self.rules
+        return [rules[i] for i in matcher(facts)]
+
     def match(self, category: str, facts: Facts) -> list[CompiledRule]:
         fields = self._memo_fields.get(category)
         if fields is None:
-            return [r for r in self.candidates(category, facts) if r.predicate(facts)]
+            return self.match_generated(category, facts)
         key = (category, *map(facts[0].__getitem__, fields))
         hit = self._memo.get(key)
         if hit is not None:
             self.memo_hits += 1
             return hit
         self.memo_misses += 1
-        result = [r for r in self.candidates(category, facts) if r.predicate(facts)]
+        result = self.match_generated(category, facts)
         if len(self._memo) >= MEMO_ENTRIES:
             self._memo.clear()
         self._memo[key] = result
