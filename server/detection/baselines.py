@@ -6,6 +6,11 @@ fleet) and learned from every event; once a host's learning period has passed, a
 breaks a model yields an Anomaly that names the model and the numbers that made it one. State
 is plain rows (server.detection.records.BaselineRow) so it survives restarts; this module does
 no IO: the engine loads the rows and saves the dirty ones.
+
+Every event touches several counters, so the counting is kept cheap: a counter is a
+[count, first_ns, last_ns, dirty] list bumped in place, a changed row is queued once until the
+next save rather than on every bump, scope strings are built once per host and user, and the
+per-host burst statistics live in a small object that is turned into JSON only when saved.
 """
 
 from __future__ import annotations
@@ -79,6 +84,26 @@ class Anomaly:
 
 
 _Key = tuple[str, str, str]
+_HOURS = tuple(str(h) for h in range(24))
+
+
+class _Burst:
+    """The per-minute rate of one host (saved as JSON in the value of its burst row)."""
+
+    __slots__ = ("alerted", "count", "last_ns", "mean", "minute", "minutes", "var")
+
+    def __init__(self, state: dict[str, Any], last_ns: int) -> None:
+        self.minute: int = state["minute"]
+        self.count: int = state["count"]
+        self.mean: float = state["mean"]
+        self.var: float = state["var"]
+        self.minutes: int = state["minutes"]
+        self.alerted: int = state["alerted"]
+        self.last_ns = last_ns
+
+    def state(self) -> dict[str, Any]:
+        return {"minute": self.minute, "count": self.count, "mean": self.mean,
+                "var": self.var, "minutes": self.minutes, "alerted": self.alerted}
 
 
 class FieldSource(Protocol):
@@ -92,13 +117,18 @@ class Baselines:
 
     def __init__(self, config: BaselineConfig, rows: Iterable[BaselineRow] = ()) -> None:
         self.config = config
+        # (model, scope, key) -> [count, first_ns, last_ns, dirty (0/1)]
         self._rows: dict[_Key, list[int]] = {}
         self._values: dict[_Key, str] = {}
         self._sizes: dict[tuple[str, str], int] = {}
-        self._dirty: set[_Key] = set()
-        self._burst_state: dict[str, dict[str, Any]] = {}     # serialized in dirty_rows()
+        self._dirty: list[_Key] = []                          # rows whose dirty flag is 1
+        self._burst_state: dict[str, _Burst] = {}             # serialized in dirty_rows()
+        self._burst_touched: set[str] = set()
+        self._hosts: dict[str, list[int]] = {}                # agent -> its ("host", "first") row
+        self._user_scopes: dict[tuple[str, str], str] = {}
+        self._exe_scopes: dict[tuple[str, str], str] = {}
         for r in rows:
-            self._rows[(r.model, r.scope, r.key)] = [r.count, r.first_ns, r.last_ns]
+            self._rows[(r.model, r.scope, r.key)] = [r.count, r.first_ns, r.last_ns, 0]
             if r.value:
                 self._values[(r.model, r.scope, r.key)] = r.value
             self._sizes[(r.model, r.scope)] = self._sizes.get((r.model, r.scope), 0) + 1
@@ -119,26 +149,45 @@ class Baselines:
             if size >= self.config.max_keys_per_scope:
                 return
             self._sizes[(model, scope)] = size + 1
-            self._rows[k] = [1, time_ns, time_ns]
-        else:
-            row[0] += 1
-            row[2] = max(row[2], time_ns)
-        self._dirty.add(k)
+            self._rows[k] = [1, time_ns, time_ns, 1]
+            self._dirty.append(k)
+            return
+        row[0] += 1
+        if time_ns > row[2]:
+            row[2] = time_ns
+        if not row[3]:
+            row[3] = 1
+            self._dirty.append(k)
 
     def dirty_rows(self) -> list[BaselineRow]:
         """Rows changed since the last call (to persist)."""
+        for agent_id in self._burst_touched:
+            state = self._burst_state[agent_id]
+            k = ("burst", agent_id, "")
+            self._values[k] = json.dumps(state.state())
+            row = self._rows[k]
+            row[0], row[2] = state.minutes, max(row[2], state.last_ns)
+            if not row[3]:
+                row[3] = 1
+                self._dirty.append(k)
+        self._burst_touched.clear()
         out = []
-        for agent_id, state in self._burst_state.items():
-            self._values[("burst", agent_id, "")] = json.dumps(state)
         for k in self._dirty:
-            c, first, last = self._rows[k]
-            out.append(BaselineRow(k[0], k[1], k[2], c, first, last, self._values.get(k, "")))
-        self._dirty.clear()
+            row = self._rows[k]
+            row[3] = 0
+            out.append(BaselineRow(k[0], k[1], k[2], row[0], row[1], row[2],
+                                   self._values.get(k, "")))
+        self._dirty = []
         return out
 
     def learning(self, agent_id: str, time_ns: int) -> bool:
-        row = self._rows.get(("host", agent_id, "first"))
-        return row is None or time_ns - row[1] < self.config.learning_s * NS
+        row = self._hosts.get(agent_id)
+        if row is None:
+            row = self._rows.get(("host", agent_id, "first"))
+            if row is None:
+                return True
+            self._hosts[agent_id] = row
+        return time_ns - row[1] < self.config.learning_s * NS
 
     def seen(self, agent_id: str, time_ns: int) -> None:
         """Any event of the host (also kinds no model judges): starts its learning period."""
@@ -160,7 +209,16 @@ class Baselines:
             out.extend(self._process(agent_id, raw, time_ns, learning))
         elif category in ("network_connection", "dns_query"):
             out.extend(self._destination(agent_id, category, raw, time_ns, learning))
-        self._bump("host", agent_id, "first", time_ns)
+        row = self._hosts.get(agent_id)
+        if row is None:
+            self._bump("host", agent_id, "first", time_ns)
+        else:
+            row[0] += 1
+            if time_ns > row[2]:
+                row[2] = time_ns
+            if not row[3]:
+                row[3] = 1
+                self._dirty.append(("host", agent_id, "first"))
         return out
 
     def _process(self, agent_id: str, raw: FieldSource, time_ns: int,
@@ -205,10 +263,14 @@ class Baselines:
         self._bump("launches", agent_id, "", time_ns)
         user = raw.get("process.user", "")
         if user:
-            scope = f"{agent_id}|{user}"
+            scope = self._user_scopes.get((agent_id, user))
+            if scope is None:
+                if len(self._user_scopes) >= c.max_keys_per_scope:
+                    self._user_scopes.clear()
+                scope = self._user_scopes[(agent_id, user)] = f"{agent_id}|{user}"
             total = self.count("user_launches", scope)
             hour = int((time_ns // NS // 3600 + c.timezone_offset_h) % 24)
-            at_hour = self.count("user_hour", scope, str(hour))
+            at_hour = self.count("user_hour", scope, _HOURS[hour])
             if not learning and total >= c.user_min_launches:
                 fraction = at_hour / total
                 if fraction <= c.user_hour_max_fraction:
@@ -233,7 +295,7 @@ class Baselines:
                             f"user_unusual_parent:{scope}:{parent}",
                             {"parent_count": by_parent, "user_launches": total}))
             self._bump("user_launches", scope, "", time_ns)
-            self._bump("user_hour", scope, str(hour), time_ns)
+            self._bump("user_hour", scope, _HOURS[hour], time_ns)
             if parent:
                 self._bump("user_parent", scope, parent, time_ns)
         return out
@@ -271,7 +333,11 @@ class Baselines:
                 f"new_destination:{agent_id}:{dest}", {"host_known_destinations": host_known}))
         self._bump("dest", agent_id, dest, time_ns)
         if exe:
-            scope = f"{agent_id}|{exe}"
+            scope = self._exe_scopes.get((agent_id, exe))
+            if scope is None:
+                if len(self._exe_scopes) >= c.max_keys_per_scope:
+                    self._exe_scopes.clear()
+                scope = self._exe_scopes[(agent_id, exe)] = f"{agent_id}|{exe}"
             proc_known = self.distinct("dest_proc", scope)
             if (not learning and not new_for_host and self.count("dest_proc", scope, dest) == 0
                     and proc_known >= c.destination_min_known):
@@ -286,47 +352,49 @@ class Baselines:
 
     def _burst(self, agent_id: str, time_ns: int, learning: bool) -> Anomaly | None:
         c = self.config
-        k = ("burst", agent_id, "")
         minute = time_ns // (60 * NS)
         state = self._burst_state.get(agent_id)
         if state is None:
+            k = ("burst", agent_id, "")
             raw_state = self._values.get(k)
             if raw_state is None:
-                state = {"minute": minute, "count": 0, "mean": 0.0, "var": 0.0, "minutes": 0,
-                         "alerted": -1}
-                self._rows[k] = [0, time_ns, time_ns]
+                state = _Burst({"minute": minute, "count": 0, "mean": 0.0, "var": 0.0,
+                                "minutes": 0, "alerted": -1}, time_ns)
+                self._rows[k] = [0, time_ns, time_ns, 0]
             else:
-                state = json.loads(raw_state)
+                state = _Burst(json.loads(raw_state), time_ns)
             self._burst_state[agent_id] = state
-        if minute > state["minute"]:
+        # The row (minutes, last time) is brought up to date when saved: dirty_rows().
+        self._burst_touched.add(agent_id)
+        if time_ns > state.last_ns:
+            state.last_ns = time_ns
+        if minute > state.minute:
             # Close the finished minute, and count idle minutes (up to an hour) as zero.
-            closed = [state["count"]] + [0] * int(min(minute - state["minute"] - 1, 60))
+            closed = [state.count] + [0] * int(min(minute - state.minute - 1, 60))
             for x in closed:
-                if state["minutes"] == 0:
-                    state["mean"], state["var"] = float(x), 0.0
+                if state.minutes == 0:
+                    state.mean, state.var = float(x), 0.0
                 else:
-                    delta = x - state["mean"]
-                    state["mean"] += c.burst_alpha * delta
-                    state["var"] = (1 - c.burst_alpha) * (state["var"] + c.burst_alpha * delta ** 2)
-                state["minutes"] += 1
-            state["minute"], state["count"] = minute, 0
-        state["count"] += 1
-        anomaly = None
-        sd = math.sqrt(state["var"])
-        threshold = max(float(c.burst_min_events), state["mean"] + c.burst_sigmas * sd)
-        if (not learning and state["minutes"] >= c.burst_min_minutes and
-                state["alerted"] != minute and state["count"] > threshold):
-            state["alerted"] = minute
-            anomaly = Anomaly(
-                "activity_burst", "medium", "Burst of activity far above the host's own rate",
-                f"baseline activity_burst: {state['count']} events in the minute starting "
-                f"{minute * 60} (epoch s); the host's rate is {state['mean']:.1f}/min (sd "
-                f"{sd:.1f}) over {state['minutes']} minutes; threshold max("
-                f"{c.burst_min_events}, mean + {c.burst_sigmas:g} sd) = {threshold:.1f}",
-                f"activity_burst:{agent_id}:{minute}",
-                {"events_in_minute": state["count"], "mean_per_minute": round(state["mean"], 2),
-                 "sd_per_minute": round(sd, 2), "threshold": round(threshold, 2)})
-        row = self._rows[k]
-        row[0], row[2] = int(state["minutes"]), max(row[2], time_ns)
-        self._dirty.add(k)
-        return anomaly
+                    delta = x - state.mean
+                    state.mean += c.burst_alpha * delta
+                    state.var = (1 - c.burst_alpha) * (state.var + c.burst_alpha * delta ** 2)
+                state.minutes += 1
+            state.minute, state.count = minute, 0
+        state.count += 1
+        if (learning or state.minutes < c.burst_min_minutes or state.alerted == minute or
+                state.count <= c.burst_min_events):
+            return None
+        sd = math.sqrt(state.var)
+        threshold = max(float(c.burst_min_events), state.mean + c.burst_sigmas * sd)
+        if state.count <= threshold:
+            return None
+        state.alerted = minute
+        return Anomaly(
+            "activity_burst", "medium", "Burst of activity far above the host's own rate",
+            f"baseline activity_burst: {state.count} events in the minute starting "
+            f"{minute * 60} (epoch s); the host's rate is {state.mean:.1f}/min (sd "
+            f"{sd:.1f}) over {state.minutes} minutes; threshold max("
+            f"{c.burst_min_events}, mean + {c.burst_sigmas:g} sd) = {threshold:.1f}",
+            f"activity_burst:{agent_id}:{minute}",
+            {"events_in_minute": state.count, "mean_per_minute": round(state.mean, 2),
+             "sd_per_minute": round(sd, 2), "threshold": round(threshold, 2)})

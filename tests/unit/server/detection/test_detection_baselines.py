@@ -158,3 +158,26 @@ def test_baselines_survive_a_restart(tmp_path: Path) -> None:
     [a] = _learn(restarted, [(T0 + 2 * HOUR, launch("/tmp/new", sha="a" * 64))])
     assert "3 executables known here" in a.detail
     store.close()
+
+
+def test_changed_rows_are_saved_once_per_flush_with_the_burst_state() -> None:
+    config = _config(burst_min_minutes=30, burst_min_events=50, burst_sigmas=6.0)
+    b = Baselines(config)
+    events = [(T0 + minute * 60 * NS + i * NS, launch("/usr/bin/ls"))
+              for minute in range(40) for i in range(10)]
+    _learn(b, events)
+    rows = b.dirty_rows()
+    keys = [(r.model, r.scope, r.key) for r in rows]
+    assert len(keys) == len(set(keys))                  # each changed row once, not per bump
+    [burst] = [r for r in rows if r.model == "burst"]
+    assert burst.count == 39 and burst.last_ns == events[-1][0] and '"minutes": 39' in burst.value
+    [host] = [r for r in rows if r.model == "host"]
+    assert host.count == len(events)
+    assert b.dirty_rows() == []                         # nothing changed since
+    _learn(b, [(T0 + 40 * 60 * NS, launch("/usr/bin/ls"))])
+    assert {r.model for r in b.dirty_rows()} == {"burst", "host", "launches", "pair",
+                                                 "user_launches", "user_hour", "user_parent"}
+    # A restart from the saved rows (past learning) keeps the rate: a storm stands out.
+    restarted = Baselines(config, rows)
+    storm = [(T0 + 65 * 60 * NS + i * 10_000_000, launch("/usr/bin/ls")) for i in range(400)]
+    assert len([a for a in _learn(restarted, storm) if a.model == "activity_burst"]) == 1
