@@ -2,6 +2,11 @@
 metadata and a SHA-256 taken after close-after-write, debounced per path. It never follows
 symlinks for hashing and never reads files over the size cap; it does not baseline the tree.
 
+It runs watchdog's InotifyEmitter per root without an Observer: the emitter puts straight into
+the sensor's bounded queue (`_RawQueue`) and the sensor's own worker is the only consumer, so
+an event crosses two threads instead of four, and the emitter's event filter keeps the kernel
+from queueing open/access/close-nowrite records the sensor never used.
+
 watchdog drops IN_Q_OVERFLOW records silently (inotify_c.Inotify.read_events skips wd == -1),
 so `install_overflow_hook` wraps its record parser once per process and counts overflows; each
 FileSensor compares that counter, reports a SensorLoss event and rescans its paths for files
@@ -18,6 +23,7 @@ import logging
 import os
 import pwd
 import queue
+import re
 import stat as stat_mod
 import threading
 import time
@@ -25,16 +31,18 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
-    FileSystemEventHandler,
 )
-from watchdog.events import DirCreatedEvent, DirDeletedEvent, DirMovedEvent
-from watchdog.observers.inotify import InotifyObserver
+from watchdog.observers.api import EventQueue, ObservedWatch
+from watchdog.observers.inotify import InotifyEmitter
 
 from agent.sensors.base import Emit, SafeEmitter, Sensor, new_event, sensor_loss_event
 from agent.sensors.config import FileSensorConfig
@@ -43,6 +51,7 @@ from proto import ringfence_pb2 as pb
 logger = logging.getLogger(__name__)
 
 IN_Q_OVERFLOW = 0x4000
+_IDLE_WAKE_S = 1.0
 _CHUNK = 1024 * 1024
 
 ACTIVITY_CREATE = 1
@@ -110,30 +119,52 @@ class _Pending(NamedTuple):
     closed: bool
 
 
-class _Handler(FileSystemEventHandler):
-    """Runs on watchdog's thread: classify, filter, enqueue. Nothing slow here."""
+# The watchdog event classes the sensor uses. Handing them to the emitter as its filter also
+# narrows the inotify mask (watchdog's get_event_mask_from_filter), so the kernel never queues
+# IN_OPEN, IN_ACCESS or IN_CLOSE_NOWRITE, which are most of the traffic on a busy tree (our
+# own hashing reads each file once more) and which the sensor always threw away.
+_KINDS: dict[type[FileSystemEvent], str] = {
+    FileCreatedEvent: "created", DirCreatedEvent: "created",
+    FileModifiedEvent: "modified",
+    FileClosedEvent: "closed",
+    FileDeletedEvent: "deleted", DirDeletedEvent: "deleted",
+    FileMovedEvent: "moved", DirMovedEvent: "moved",
+}
+_EVENT_FILTER: list[type[FileSystemEvent]] = list(_KINDS)
 
-    def __init__(self, sensor: FileSensor) -> None:
-        super().__init__()
+
+class _RawQueue(EventQueue):
+    """The queue watchdog's emitter threads put into, read by the sensor's worker directly.
+
+    Using the emitter without an Observer saves the Observer's dispatch thread and one queue
+    hop per event. `put` runs on the emitter thread: it classifies and filters (nothing slow),
+    never blocks (a full queue is counted as loss, reported and repaired by a rescan), and
+    skips an event equal to the one before it, as the Observer's EventQueue did.
+    """
+
+    def __init__(self, sensor: FileSensor, maxsize: int) -> None:
+        super().__init__(maxsize)
         self._sensor = sensor
+        self._last_event: FileSystemEvent | None = None
 
-    def dispatch(self, event: FileSystemEvent) -> None:
-        kind: str
-        if isinstance(event, (FileCreatedEvent, DirCreatedEvent)):
-            kind = "created"
-        elif isinstance(event, FileModifiedEvent):
-            kind = "modified"
-        elif isinstance(event, FileClosedEvent):
-            kind = "closed"
-        elif isinstance(event, (FileDeletedEvent, DirDeletedEvent)):
-            kind = "deleted"
-        elif isinstance(event, (FileMovedEvent, DirMovedEvent)):
-            kind = "moved"
-        else:
-            return  # opened, closed-no-write, directory modified: noise
-        self._sensor._enqueue(_Raw(kind, os.fsencode(event.src_path),
-                                   os.fsencode(event.dest_path or b""), event.is_directory,
-                                   time.time_ns()))
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        event: FileSystemEvent = item[0]
+        if event == self._last_event:
+            return
+        self._last_event = event
+        kind = _KINDS.get(type(event))
+        if kind is None:
+            return  # defensive: the emitter already filters on _EVENT_FILTER
+        sensor = self._sensor
+        path = os.fsencode(event.src_path)
+        dest = os.fsencode(event.dest_path) if event.dest_path else b""
+        if sensor._excluded(path) and (not dest or sensor._excluded(dest)):
+            return
+        try:
+            queue.Queue.put(self, _Raw(kind, path, dest, event.is_directory, time.time_ns()),
+                            block=False)
+        except queue.Full:
+            sensor._count_drop()
 
 
 class FileSensor(Sensor):
@@ -147,9 +178,10 @@ class FileSensor(Sensor):
         self._roots = _watch_roots(config.paths)
         if not self._roots:
             self.mode = "off"
-        self._queue: queue.Queue[_Raw] = queue.Queue(maxsize=config.queue_max)
+        self._queue = _RawQueue(self, config.queue_max)
+        self._exclude = _compile_globs(config.exclude)
         self._stop = threading.Event()
-        self._observer: Any = None
+        self._emitters: list[InotifyEmitter] = []
         self._thread: threading.Thread | None = None
         self._emitter: SafeEmitter | None = None
         self._pending: dict[bytes, _Pending] = {}
@@ -175,23 +207,23 @@ class FileSensor(Sensor):
         if not self._roots:
             logger.warning("file sensor: none of the configured paths exists")
             return
-        observer = InotifyObserver()
-        handler = _Handler(self)
         for root in self._roots:
+            watch = ObservedWatch(os.fsdecode(root), recursive=True, event_filter=_EVENT_FILTER)
+            emitter = InotifyEmitter(self._queue, watch, event_filter=_EVENT_FILTER)
             try:
-                observer.schedule(handler, os.fsdecode(root), recursive=True)
+                emitter.start()  # adds the inotify watches in this thread: errors surface here
             except OSError as e:
                 logger.warning("file sensor: cannot watch %r: %s", root, e)
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
+                continue
+            self._emitters.append(emitter)
         logger.info("file sensor started on %d paths", len(self._roots))
 
     def stop(self) -> None:
         self._stop.set()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=3.0)
+        for emitter in self._emitters:
+            emitter.stop()
+        for emitter in self._emitters:
+            emitter.join(timeout=3.0)
         if self._thread is not None:
             self._thread.join(timeout=3.0)
 
@@ -208,35 +240,40 @@ class FileSensor(Sensor):
 
     # --- watchdog thread side ----------------------------------------------------------------
 
-    def _enqueue(self, raw: _Raw) -> None:
-        if self._excluded(raw.path) and (not raw.dest or self._excluded(raw.dest)):
-            return
-        try:
-            self._queue.put_nowait(raw)
-        except queue.Full:
-            with self._lock:
-                self._dropped += 1
+    def _count_drop(self) -> None:
+        with self._lock:
+            self._dropped += 1
 
     def _excluded(self, path: bytes) -> bool:
+        if self._exclude is None:
+            return False
         text = path.decode("utf-8", "surrogateescape")
-        base = text.rsplit("/", 1)[-1]
-        return any(fnmatch.fnmatchcase(text, g) or fnmatch.fnmatchcase(base, g)
-                   for g in self._config.exclude)
+        return (self._exclude.match(text) is not None
+                or self._exclude.match(text.rsplit("/", 1)[-1]) is not None)
 
     # --- worker ------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         tick = max(0.02, min(self._debounce_s, 0.1))
+        next_check = 0.0
         while not self._stop.is_set():
+            # Wake every tick only while something waits for its debounce deadline; otherwise
+            # once a second, to notice an overflow (it arrives without any event of ours).
             try:
-                raw = self._queue.get(timeout=tick)
+                raw: _Raw | None = self._queue.get(
+                    timeout=tick if self._pending else _IDLE_WAKE_S)
             except queue.Empty:
                 raw = None
             try:
                 if raw is not None:
                     self._handle(raw)
-                self._flush_due()
-                self._check_loss()
+                now = time.monotonic()
+                # Deadlines are checked once per tick, not after every event: walking the
+                # pending table per event cost more than the events under a write storm.
+                if raw is None or now >= next_check:
+                    next_check = now + tick
+                    self._flush_due()
+                    self._check_loss()
             except Exception:  # never let one path kill the sensor
                 logger.exception("file sensor: failed to handle an event")
         self._flush_due(force=True)
@@ -410,6 +447,13 @@ class FileSensor(Sensor):
                                         hash_it=True)
                         reported += 1
         return reported
+
+
+def _compile_globs(globs: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One regex equivalent to `any(fnmatch.fnmatchcase(name, g) for g in globs)`."""
+    if not globs:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
 
 
 def _classify_unclosed(path: bytes) -> int:
