@@ -26,7 +26,6 @@ from typing import NamedTuple
 from agent.sensors.base import Emit, SafeEmitter, Sensor, new_event, sensor_loss_event
 from agent.sensors.community_id import community_id
 from agent.sensors.config import NetworkSensorConfig
-from proto import ringfence_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,24 @@ class SocketEntry(NamedTuple):
     inode: int
 
 
+_IP_CACHE: dict[bytes, str] = {}
+_IP_CACHE_MAX = 4096
+
+
 def _hex_ip(text: bytes) -> str:
+    """The address text of a /proc/net hex address, cached: a busy table repeats a handful of
+    addresses thousands of times per poll (TIME_WAIT rows linger a minute), and ipaddress
+    formatting was most of the parse cost. The cache only maps pure input to output."""
+    ip = _IP_CACHE.get(text)
+    if ip is None:
+        ip = _parse_hex_ip(text)
+        if len(_IP_CACHE) >= _IP_CACHE_MAX:
+            _IP_CACHE.clear()
+        _IP_CACHE[text] = ip
+    return ip
+
+
+def _parse_hex_ip(text: bytes) -> str:
     raw = bytes.fromhex(text.decode("ascii"))
     if len(raw) == 4:
         return str(ipaddress.IPv4Address(struct.pack("<I", struct.unpack(">I", raw)[0])))
@@ -233,14 +249,12 @@ class NetworkSensor(Sensor):
         na = ev.network
         na.activity_id = activity
         na.protocol = e.protocol
-        local = pb.Endpoint(ip=e.local_ip, port=e.local_port)
-        remote = pb.Endpoint(ip=e.remote_ip, port=e.remote_port)
         if flow.direction == DIRECTION_INBOUND:
-            na.src_endpoint.CopyFrom(remote)
-            na.dst_endpoint.CopyFrom(local)
+            src_ip, src_port, dst_ip, dst_port = e.remote_ip, e.remote_port, e.local_ip, e.local_port
         else:
-            na.src_endpoint.CopyFrom(local)
-            na.dst_endpoint.CopyFrom(remote)
+            src_ip, src_port, dst_ip, dst_port = e.local_ip, e.local_port, e.remote_ip, e.remote_port
+        na.src_endpoint.ip, na.src_endpoint.port = src_ip, src_port
+        na.dst_endpoint.ip, na.dst_endpoint.port = dst_ip, dst_port
         na.direction_id = flow.direction
         na.state = TCP_STATES.get(state, "") if e.protocol == "tcp" else (
             "CONNECTED" if activity == 1 else "CLOSED")
@@ -250,9 +264,7 @@ class NetworkSensor(Sensor):
         na.exe = flow.exe
         na.ip_version = 6 if ":" in e.local_ip else 4
         try:
-            na.community_id = community_id(na.src_endpoint.ip, na.dst_endpoint.ip,
-                                           na.src_endpoint.port, na.dst_endpoint.port,
-                                           e.protocol)
+            na.community_id = community_id(src_ip, dst_ip, src_port, dst_port, e.protocol)
         except ValueError:
             pass  # v4-mapped v6 mixes: leave it empty rather than guess
         assert self._emitter is not None
