@@ -189,8 +189,10 @@ class Session:
             sender.join(timeout=5)
 
     def _stop_watch(self, conn: _Connection, stop: threading.Event) -> None:
+        # stop.wait returns as soon as stop is set; the timeout only bounds how long this
+        # watcher outlives a dead connection, so it need not wake the idle agent often.
         while conn.alive.is_set():
-            if stop.wait(0.2):
+            if stop.wait(1.0):
                 self._transport.cancel()
                 return
 

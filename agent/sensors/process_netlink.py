@@ -29,6 +29,7 @@ from agent.sensors.process_common import list_pids, read_snapshot, start_ticks_o
 logger = logging.getLogger(__name__)
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+_STOP_POLL_S = 1.0  # how often idle threads look at the stop flag (bounds stop() latency)
 
 
 class _Exec(NamedTuple):
@@ -89,7 +90,9 @@ class NetlinkProcessSensor(Sensor):
 
     def start(self, emit: Emit) -> None:
         self._emitter = SafeEmitter(emit, "process")
-        self._sock.settimeout(0.2)
+        # The timeout only bounds how long stop() waits for this thread; a short one woke the
+        # idle agent five times a second for nothing.
+        self._sock.settimeout(_STOP_POLL_S)
         if not self._seeded:
             self._seed()
         self._threads = [
@@ -185,7 +188,7 @@ class NetlinkProcessSensor(Sensor):
     def _enrich_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                item = self._queue.get(timeout=0.2)
+                item = self._queue.get(timeout=_STOP_POLL_S)
             except queue.Empty:
                 self._report_queue_drops()
                 continue
