@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.actions.collect import collect_file
 from agent.actions.isolation import IsolationController, IsolationOutcome
 from agent.actions.response import RESPONSE_ACTIONS, ResponseActions
-from agent.actions.triage import snapshot
 from agent.commands import Command, CommandGate, CommandRejected
 from isolation import IsolationError, Policy
 from proto import ringfence_pb2 as pb
@@ -150,7 +149,7 @@ class Executor:
             # containment speed comes first, and isolation changes neither the process table
             # nor the local socket table (cut connections stay listed until they time out).
             try:
-                snapshot(command.command_id, self._record)
+                _triage_snapshot(command.command_id, self._record)
             except Exception:
                 logger.exception("post-isolation triage snapshot failed")
 
@@ -174,7 +173,7 @@ class Executor:
                 message += "; " + "; ".join(f"{r.path}: {r.error}" for r in failed)
             return Outcome("succeeded", message, detail)
         if command.action == "triage":
-            counts = snapshot(command.command_id, self._record)
+            counts = _triage_snapshot(command.command_id, self._record)
             return Outcome("succeeded", "snapshot recorded: " + ", ".join(
                 f"{k} {v}" for k, v in counts.items()), {"sections": counts})
         if command.action in RESPONSE_ACTIONS and self._responses is not None:
@@ -201,3 +200,11 @@ def _isolation_outcome(outcome: IsolationOutcome, success: str) -> Outcome:
             message += f"; {outcome.connections_cut} connections cut"
         return Outcome("succeeded", message, detail)
     return Outcome("failed", outcome.reason or "isolation failed", detail)
+
+
+def _triage_snapshot(command_id: str, record: Callable[[pb.Event], int]) -> dict[str, int]:
+    """agent.actions.triage, imported on first use: it pulls in psutil (~3 MB resident), which
+    the running agent otherwise never needs unless a responder asks for a snapshot."""
+    from agent.actions.triage import snapshot
+
+    return snapshot(command_id, record)

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -28,7 +29,6 @@ from agent.chain import EvidenceChain
 from agent.commands import CommandGate
 from agent.config import AgentConfig
 from agent.executor import Executor
-from agent.metrics import AgentMetrics, AgentSnapshot
 from agent.rpc import Endpoint, SessionTransport
 from agent.sensors import Sensor, build_sensors
 from agent.session import Session
@@ -38,6 +38,9 @@ from evidence.keys import load_private_key, public_key_from_bytes
 from isolation import FirewallBackend, IsolationError, select_backend
 from isolation.backends.fake import FakeBackend
 from proto import ringfence_pb2 as pb
+
+if TYPE_CHECKING:
+    from agent.metrics import AgentMetrics, AgentSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +91,13 @@ class Agent:
                                  make_durable=self.spool.flush,
                                  responses=self.responses)
         self._threads: list[threading.Thread] = []
-        self.metrics = AgentMetrics(self._metrics_snapshot) if config.metrics.listen else None
+        self.metrics: AgentMetrics | None = None
+        if config.metrics.listen:
+            # Imported only when enabled: prometheus_client and its wsgiref server cost ~3 MB
+            # resident in every agent that never serves metrics.
+            from agent.metrics import AgentMetrics
+
+            self.metrics = AgentMetrics(self._metrics_snapshot)
         self.metrics_port = 0
 
     def _backend(self) -> FirewallBackend:
@@ -134,6 +143,8 @@ class Agent:
             self.metrics.recorded(event.WhichOneof("body") or "unknown", seq)
 
     def _metrics_snapshot(self) -> AgentSnapshot:
+        from agent.metrics import AgentSnapshot
+
         stats = self.spool.stats()
         return AgentSnapshot(stats.bytes_used, stats.pending_records, self.isolation.state,
                              self.session.connected.is_set())
