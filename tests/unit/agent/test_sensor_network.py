@@ -4,6 +4,7 @@ throwaway network namespaces (198.18.0.0/15 only), always removed."""
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -270,3 +271,47 @@ def test_flow_diff_on_canned_tables(tmp_path: Path) -> None:
     assert [e.network.activity_id for e in got] == [1, 2]
     assert got[1].network.state == "TIME_WAIT"
     assert got[1].network.community_id == opened.community_id
+
+
+def _diag_msg(family: int, state: int, sport: int, dport: int, src: bytes, dst: bytes,
+              uid: int, inode: int) -> bytes:
+    body = (struct.pack("!BBBBHH16s16s", family, state, 0, 0, sport, dport, src, dst)
+            + struct.pack("=I8sIIIII", 0, bytes(8), 0, 0, 0, uid, inode))
+    return struct.pack("=IHHII", 16 + len(body), 20, 2, 1, 0) + body
+
+
+def test_parse_inet_diag_canned_reply() -> None:
+    v4 = _diag_msg(socket.AF_INET, 1, 40000, 443, bytes([10, 0, 0, 5]) + bytes(12),
+                   bytes([93, 184, 216, 34]) + bytes(12), 1000, 4242)
+    v6 = _diag_msg(socket.AF_INET6, 10, 22, 0, bytes(15) + b"\x01", bytes(16), 0, 7)
+    out: list[network.SocketEntry] = []
+    assert not network.parse_inet_diag(v4 + v6, out)
+    assert network.parse_inet_diag(struct.pack("=IHHII", 20, 3, 2, 1, 0) + bytes(4), out)
+    assert out == [network.SocketEntry("tcp", "10.0.0.5", 40000, "93.184.216.34", 443, 1, 1000,
+                                       4242),
+                   network.SocketEntry("tcp", "::1", 22, "::", 0, 10, 0, 7)]
+
+
+def test_parse_inet_diag_error_raises() -> None:
+    err = struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -13) + bytes(16)
+    with pytest.raises(OSError):
+        network.parse_inet_diag(err, [])
+
+
+def test_sock_diag_rows_equal_proc_net_rows() -> None:
+    try:
+        network.read_tcp_sock_diag()
+    except OSError as e:
+        pytest.skip(f"sock_diag unavailable: {e}")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    with srv, socket.create_connection(("127.0.0.1", port)):
+        a, _ = srv.accept()
+        with a:
+            proc = sorted(e for e in network.read_socket_table() if e.protocol == "tcp")
+            diag = sorted(network.read_tcp_sock_diag())
+    # Other processes may open or close sockets between the two reads; ours must be in both.
+    ours = {e for e in proc if port in (e.local_port, e.remote_port)}
+    assert len(ours) == 3 and ours <= set(diag)
