@@ -18,7 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from collector.store._reads import EVENT_COLS, EvidenceReads, event_row
 from collector.store.base import (
+    GENESIS_AUDIT,
     AgentRecord,
     AuditRow,
     ChainState,
@@ -26,7 +28,6 @@ from collector.store.base import (
     CommandRow,
     Conflict,
     EventRow,
-    GENESIS_AUDIT,
     FileRow,
     IntegrityAlertRow,
     NotFound,
@@ -92,7 +93,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 OPEN_STATUSES = ("pending", "sent", "accepted")
 
 
-class SQLiteStore(Store):
+class SQLiteStore(EvidenceReads, Store):
     """SQLite in WAL mode; one connection, one lock, short transactions."""
 
     def __init__(self, path: Path) -> None:
@@ -260,11 +261,9 @@ class SQLiteStore(Store):
             raise NotFound(f"no agent {agent_id!r}")
         return ChainState(rows[0][0], bytes(rows[0][1]))
 
-    @staticmethod
-    def _event(row: Sequence[Any]) -> EventRow:
-        return EventRow(row[0], row[1], row[2], row[3], bytes(row[4]), bytes(row[5]), row[6])
-
-    _EVENT_COLS = "agent_id, seq, time_ns, kind, data, chain_hash, received_ns"
+    _event = staticmethod(event_row)
+    _EVENT_COLS = EVENT_COLS
+    _PLACEHOLDER = "?"
 
     def stored_event(self, agent_id: str, seq: int) -> EventRow | None:
         rows = self._query(f"SELECT {self._EVENT_COLS} FROM events WHERE agent_id = ? AND seq = ?",
@@ -297,76 +296,11 @@ class SQLiteStore(Store):
                 db.execute("UPDATE agents SET chain_seq = ?, chain_head = ? WHERE agent_id = ?",
                            (chain.last_seq, chain.head, agent_id))
 
-    def query_events(self, agent_id: str, since_ns: int = 0, until_ns: int = 0, kind: str = "",
-                     limit: int = 1000, after_seq: int = 0) -> Iterator[EventRow]:
-        sql = f"SELECT {self._EVENT_COLS} FROM events WHERE agent_id = ? AND seq > ?"
-        args: list[Any] = [agent_id, after_seq]
-        if since_ns:
-            sql += " AND time_ns >= ?"
-            args.append(since_ns)
-        if until_ns:
-            sql += " AND time_ns <= ?"
-            args.append(until_ns)
-        if kind:
-            sql += " AND kind = ?"
-            args.append(kind)
-        sql += " ORDER BY seq LIMIT ?"
-        args.append(limit)
-        return iter([self._event(r) for r in self._query(sql, args)])
-
-    def previous_event(self, agent_id: str, seq: int) -> EventRow | None:
-        rows = self._query(f"SELECT {self._EVENT_COLS} FROM events WHERE agent_id = ? AND "
-                           "seq < ? ORDER BY seq DESC LIMIT 1", (agent_id, seq))
-        return self._event(rows[0]) if rows else None
-
-    def last_seq_in_range(self, agent_id: str, since_ns: int = 0, until_ns: int = 0) -> int:
-        sql = "SELECT COALESCE(MAX(seq), 0) FROM events WHERE agent_id = ?"
-        args: list[Any] = [agent_id]
-        if since_ns:
-            sql += " AND time_ns >= ?"
-            args.append(since_ns)
-        if until_ns:
-            sql += " AND time_ns <= ?"
-            args.append(until_ns)
-        return int(self._query(sql, args)[0][0])
-
-    def events_by_seq(self, agent_id: str, first_seq: int, last_seq: int) -> Iterator[EventRow]:
-        # Paged so a million-event bundle never sits in memory at once.
-        after = first_seq - 1
-        while after < last_seq:
-            rows = self._query(
-                f"SELECT {self._EVENT_COLS} FROM events WHERE agent_id = ? AND seq > ? "
-                "AND seq <= ? ORDER BY seq LIMIT 5000", (agent_id, after, last_seq))
-            if not rows:
-                return
-            for r in rows:
-                yield self._event(r)
-            after = rows[-1][1]
-
-    def checkpoints(self, agent_id: str, first_seq: int = 0,
-                    last_seq: int = 2**63 - 1) -> list[CheckpointRow]:
-        rows = self._query("SELECT agent_id, seq, head, time_ns, envelope FROM checkpoints "
-                           "WHERE agent_id = ? AND seq >= ? AND seq <= ? ORDER BY seq",
-                           (agent_id, first_seq, last_seq))
-        return [CheckpointRow(r[0], r[1], bytes(r[2]), r[3], bytes(r[4])) for r in rows]
-
     def add_alert(self, alert: IntegrityAlertRow) -> None:
         with self._tx() as db:
             db.execute("INSERT INTO integrity_alerts (agent_id, kind, seq, detail, time_ns) "
                        "VALUES (?, ?, ?, ?, ?)",
                        (alert.agent_id, alert.kind, alert.seq, alert.detail, alert.time_ns))
-
-    def alerts(self, agent_id: str | None = None) -> list[IntegrityAlertRow]:
-        sql = "SELECT agent_id, kind, seq, detail, time_ns FROM integrity_alerts"
-        args: tuple[Any, ...] = ()
-        if agent_id is not None:
-            sql += " WHERE agent_id = ?"
-            args = (agent_id,)
-        return [IntegrityAlertRow(*r) for r in self._query(sql + " ORDER BY id", args)]
-
-    def alert_counts(self) -> dict[str, int]:
-        return {r[0]: r[1] for r in self._query(
-            "SELECT agent_id, COUNT(*) FROM integrity_alerts GROUP BY agent_id")}
 
     def forks(self, agent_id: str) -> list[EventRow]:
         return [self._event(r) for r in self._query(
