@@ -20,7 +20,7 @@ baselines). Reported:
 
 With --repeat N the whole measurement runs N times and the medians are reported, with each
 run's numbers under "runs". Prints one JSON object.
-Usage: python bench/detection.py [--agents 2] [--seconds 8] [--repeat 3]
+Usage: python bench/detection.py [--agents 2] [--seconds 8] [--repeat 3] [--keep]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -201,14 +202,14 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def run_once(agents: int, seconds: float) -> dict[str, float | int]:
+def run_once(agents: int, seconds: float, keep: bool = False) -> dict[str, float | int]:
     from server.fleet import init_server
 
     eval_eps = eval_rate()
     eval_unique = eval_rate(unique=True)
     per_agent = min(400_000, int(seconds * 60_000 / agents) + BATCH)
-    with tempfile.TemporaryDirectory(prefix="rf-bench-detection-") as tmp:
-        base = Path(tmp)
+    base = Path(tempfile.mkdtemp(prefix="rf-bench-detection-"))
+    try:
         rates = {}
         for detection in (False, True):
             data = base / f"server-{detection}"
@@ -227,6 +228,11 @@ def run_once(agents: int, seconds: float) -> dict[str, float | int]:
             finally:
                 _stop(server)
         latencies, alerts = _latencies(base / "server-True")
+    finally:
+        if keep:
+            print(f"kept the servers' data in {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
     cost = 1 - rates[True] / rates[False]
     return {"eval_eps": round(eval_eps), "eval_eps_unique": round(eval_unique),
             "ingest_eps_without": round(rates[False]), "ingest_eps_with": round(rates[True]),
@@ -241,9 +247,10 @@ def main() -> int:
     ap.add_argument("--agents", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help="keep the servers' data directories")
     args = ap.parse_args()
 
-    runs = [run_once(args.agents, args.seconds) for _ in range(args.repeat)]
+    runs = [run_once(args.agents, args.seconds, args.keep) for _ in range(args.repeat)]
     medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     print(json.dumps({
         "benchmark": "detection", "agents": args.agents, "seconds": args.seconds,
@@ -281,22 +288,26 @@ def _evidence_db(data: Path) -> Path:
 
 
 def _latencies(data: Path) -> tuple[list[float], int]:
-    """Per alerting event: when its alert record (raise or repeat) was stored minus when the
-    collector received the event. Sigma alerts only (baselines are learning in a fresh run)."""
+    """Per alerting event: when its alert record (a raise, or the batch of repeats it was
+    folded into) was stored minus when the collector received the event. Sigma alerts only
+    (baselines are learning in a fresh run)."""
     with sqlite3.connect(data / "detection.sqlite") as det:
         rows = det.execute(
-            "SELECT l.time_ns, l.body FROM alert_log l JOIN alerts a USING (alert_id) "
+            "SELECT l.time_ns, l.kind, l.body FROM alert_log l JOIN alerts a USING (alert_id) "
             "WHERE a.source = 'sigma' AND l.kind IN ('raised', 'repeated')").fetchall()
     out = []
     with sqlite3.connect(_evidence_db(data)) as ev:
-        for stored_ns, body in rows:
-            agent_id, seq = json.loads(body)["event"]
-            received = ev.execute("SELECT received_ns FROM events WHERE agent_id = ? AND seq = ?",
-                                  (agent_id, seq)).fetchone()
-            if received is None:
-                raise SystemExit(f"alert names event {agent_id} #{seq}, which is not stored")
-            out.append((stored_ns - received[0]) / 1e9)
-    return out, len(rows)
+        for stored_ns, kind, body in rows:
+            record = json.loads(body)
+            refs = record["events"] if kind == "repeated" else [record["event"]]
+            for agent_id, seq in refs:
+                received = ev.execute("SELECT received_ns FROM events WHERE agent_id = ? AND "
+                                      "seq = ?", (agent_id, seq)).fetchone()
+                if received is None:
+                    raise SystemExit(f"alert names event {agent_id} #{seq}, which is not "
+                                     "stored")
+                out.append((stored_ns - received[0]) / 1e9)
+    return out, len(out)
 
 
 if __name__ == "__main__":

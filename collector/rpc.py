@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 OUTBOX_LIMIT = 1024
 # Threads doing blocking store and control-plane work for all streams of the process.
 STORE_WORKERS = 4
+# At most this long is a session held after one batch while the control plane asks to hold
+# ingest, so a stuck consumer slows agents down but never stops evidence from arriving.
+MAX_INGEST_HOLD_S = 2.0
 # grpc.aio's end-of-stream marker (absent from the type stubs).
 _EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009 - missing from the stubs
 
@@ -71,6 +74,11 @@ class ControlPlane(Protocol):
     def agent_disconnected(self, agent_id: str, session: AgentSession) -> None: ...
 
     def events_stored(self, agent_id: str, events: list[DecodedEvent]) -> None: ...
+
+    def hold_ingest_s(self) -> float:
+        """Seconds to wait before reading a session's next message after a batch (0: none):
+        work downstream of storage (detection) is lagging. Asked again after each wait."""
+        ...
 
     def command_result(self, agent_id: str, result: pb.CommandResult) -> None: ...
 
@@ -236,6 +244,7 @@ class CollectorService(pb_grpc.CollectorServicer):
         self._registry = registry
         self._ingestor = ingestor or Ingestor(store)
         self.last_seen = LastSeen(store)
+        self._hold_warned = 0.0
         self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="collector-store")
 
     async def _blocking(self, fn: Callable[..., _T], *args: Any) -> _T:
@@ -342,6 +351,8 @@ class CollectorService(pb_grpc.CollectorServicer):
                     self._heartbeat(agent_id, session)
                 else:
                     await self._blocking(self._dispatch, agent, session, message)
+                    if message.WhichOneof("msg") == "batch":
+                        await self._hold_ingest(agent_id)
         except _Abort as e:
             session.finish(e)
         except (IngestError, StoreError, PeerIdentityError, DecodeError) as e:
@@ -354,6 +365,21 @@ class CollectorService(pb_grpc.CollectorServicer):
         except Exception:
             logger.exception("session of agent %s failed", agent_id)
             session.finish(_Abort(grpc.StatusCode.INTERNAL, "internal error"))
+
+    async def _hold_ingest(self, agent_id: str) -> None:
+        """Wait while the control plane asks to hold ingest (the agent spools meanwhile),
+        up to MAX_INGEST_HOLD_S; say so when the cap is reached."""
+        held = 0.0
+        while held < MAX_INGEST_HOLD_S and (step := self._control.hold_ingest_s()) > 0:
+            await asyncio.sleep(step)
+            held += step
+        if held >= MAX_INGEST_HOLD_S:
+            now = time.monotonic()
+            if now - self._hold_warned > 60:
+                self._hold_warned = now
+                logger.warning("ingest was held %.1f s after a batch of agent %s and goes on: "
+                               "detection cannot keep up with ingest (further holds in the "
+                               "next minute are not logged)", held, agent_id)
 
     def _hello(self, agent: AgentRecord, hello: pb.Hello, session: AgentSession) -> None:
         agent_id = agent.agent_id

@@ -14,7 +14,7 @@ from collector.store.base import Store
 from proto import ringfence_pb2 as pb
 from server.alerting import AlertHub, AlertNotice
 from server.detection import DetectionError
-from server.detection.records import Alert
+from server.detection.records import Alert, StoredAlerts
 from server.detection.store import DetectionStore
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def notice_for(alert: Alert, store: Store) -> AlertNotice:
 
 
 class AlertBridge:
-    """Detection listener: forwards alerts raised for the first time (count 1) to the hub.
+    """Detection listener: forwards alerts raised by a batch (not repeats) to the hub.
 
     Repeats of an open alert are folded into it by detection and are not new reactions:
     playbooks and notifications act once per alert.
@@ -47,10 +47,8 @@ class AlertBridge:
         self._hub = hub
         self._store = store
 
-    def __call__(self, alerts: list[Alert]) -> None:
-        for alert in alerts:
-            if alert.count != 1:
-                continue
+    def __call__(self, stored: StoredAlerts) -> None:
+        for alert in stored.newly_raised():
             self._hub.alert_raised(notice_for(alert, self._store))
 
 

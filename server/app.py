@@ -121,7 +121,7 @@ def start(config: RunConfig) -> RunningServer:
     console_auth = ConsoleAuth()
     metrics = ServerMetrics(store, registry, console_auth.counts)
     control = MeteredControlPlane(ControlPlane(store, registry, commands, BlobStore(paths.blobs),
-                                               detection.submit),
+                                               detection.submit, detection.hold_ingest_s),
                                   store, metrics)
     server_pair = [(paths.server_key.read_bytes(), paths.server_cert.read_bytes())]
     ca_pem = paths.ca_cert.read_bytes()

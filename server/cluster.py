@@ -90,6 +90,9 @@ class _OwnershipControlPlane:
     def events_stored(self, agent_id: str, events: list[DecodedEvent]) -> None:
         self._inner.events_stored(agent_id, events)
 
+    def hold_ingest_s(self) -> float:
+        return self._inner.hold_ingest_s()
+
     def command_result(self, agent_id: str, result: pb.CommandResult) -> None:
         self._inner.command_result(agent_id, result)
 

@@ -80,10 +80,13 @@ class ControlPlane:
 
     def __init__(self, store: Store, registry: SessionRegistry, commands: CommandQueue,
                  blobs: BlobStore,
-                 detection: Callable[[str, list[DecodedEvent]], None] | None = None) -> None:
+                 detection: Callable[[str, list[DecodedEvent]], None] | None = None,
+                 detection_hold: Callable[[], float] | None = None) -> None:
         self._store = store
-        # Receives every stored batch (server.detection queues it and returns at once).
+        # Receives every stored batch (server.detection queues it and returns at once), and
+        # says when to hold ingest because detection lags.
         self._detection = detection
+        self._detection_hold = detection_hold
         self._registry = registry
         self._commands = commands
         self._blobs = blobs
@@ -133,6 +136,9 @@ class ControlPlane:
                 self._check_acquisition(agent_id, d.event.acquisition)
         if self._detection is not None:
             self._detection(agent_id, events)
+
+    def hold_ingest_s(self) -> float:
+        return self._detection_hold() if self._detection_hold is not None else 0.0
 
     # -- files ----------------------------------------------------------------------------------
     def file_chunk(self, agent_id: str, chunk: pb.FileChunk) -> None:

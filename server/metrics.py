@@ -49,6 +49,10 @@ class ServerMetrics:
         self.commands = Counter("ringfence_commands_total",
                                 "Commands answered by agents, by action and final outcome",
                                 ["action", "outcome"], registry=self.registry)
+        self.ingest_held = Counter("ringfence_ingest_held_seconds",
+                                   "Time agent sessions were held after a batch because "
+                                   "detection lagged behind ingest (summed over sessions)",
+                                   registry=self.registry)
         self.registry.register(_StateCollector(store, sessions, console_counts))
 
     def render(self) -> bytes:
@@ -123,6 +127,12 @@ class MeteredControlPlane:
         for kind, count in kinds.items():
             self._metrics.events.labels(kind).inc(count)
         self._inner.events_stored(agent_id, events)
+
+    def hold_ingest_s(self) -> float:
+        hold = self._inner.hold_ingest_s()
+        if hold > 0:
+            self._metrics.ingest_held.inc(hold)
+        return hold
 
     def command_result(self, agent_id: str, result: pb.CommandResult) -> None:
         self._inner.command_result(agent_id, result)

@@ -1,10 +1,14 @@
 """Evaluating events against the rules in force and the behaviour baselines.
 
 `Evaluator` judges one event at a time (the live path and hunts share it). The live path runs
-it behind the `Evaluation` seam: in the server process (`InProcessEvaluation`), or in a child
-process (`ProcessEvaluation`, the default) that uses another core and never competes with
-ingest for the interpreter lock. Neither reads or writes a store: callers pass rules and
-baseline rows in and take alerts and changed baseline rows out.
+it behind the `Evaluation` seam, which evaluates a batch and stores the alerts it finds (raised
+or folded into open ones) in the detection store: in the server process
+(`InProcessEvaluation`), or in a child process (`ProcessEvaluation`, the default) that uses
+another core and never competes with ingest for the interpreter lock. Storing alerts there
+too matters: every SQLite call hands the interpreter lock back and forth, and under full
+ingest each handover in the server process waits for the ingest threads. Neither reads the
+evidence store: callers pass events, rules and baseline rows in and take stored alerts and
+changed baseline rows out.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import logging
 import multiprocessing
 import signal
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -26,7 +32,7 @@ from proto import ringfence_pb2 as pb
 from server.detection import DetectionError, RuleError
 from server.detection.baselines import BaselineConfig, Baselines
 from server.detection.fields import DNSCache, Fields, event_fields
-from server.detection.records import BaselineRow, CustomRule, EventRef, NewAlert
+from server.detection.records import BaselineRow, CustomRule, EventRef, NewAlert, StoredAlerts
 from server.detection.sigma import (
     CompiledRule,
     LoadedRule,
@@ -35,6 +41,7 @@ from server.detection.sigma import (
     load_pack,
     load_yaml,
 )
+from server.detection.store import DetectionStore
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +166,31 @@ def evaluate_items(evaluator: Evaluator, agent_id: str, items: Iterable[Item]) -
     return out
 
 
+NO_ALERTS = StoredAlerts([], frozenset())
+
+
+def store_found(dstore: DetectionStore, alerts: Sequence[NewAlert],
+                dedup_window_ns: int) -> StoredAlerts:
+    return dstore.raise_alerts(alerts, time.time_ns(), dedup_window_ns) if alerts else NO_ALERTS
+
+
 class Evaluation(abc.ABC):
-    """Where the live path evaluates batches of one agent's events, in seq order. Raises
-    DetectionError when evaluation failed (the caller retries from its cursor)."""
+    """Where the live path evaluates batches of one agent's events, in seq order, and stores
+    the alerts found. Batches are submitted and their results collected in the same order,
+    so one can be evaluated while the caller handles the result of another. `collect`
+    raises DetectionError when that batch's evaluation or storing failed (the caller
+    retries from its cursor). Rules, state and close are for when nothing is in flight."""
 
     @abc.abstractmethod
-    def evaluate(self, agent_id: str, items: Sequence[Item]) -> list[NewAlert]: ...
+    def submit(self, agent_id: str, items: Sequence[Item]) -> None: ...
+
+    @abc.abstractmethod
+    def collect(self) -> StoredAlerts:
+        """The stored alerts of the oldest submitted batch not collected yet."""
+
+    def evaluate(self, agent_id: str, items: Sequence[Item]) -> StoredAlerts:
+        self.submit(agent_id, items)
+        return self.collect()
 
     @abc.abstractmethod
     def set_rules(self, rules: RuleSet, custom: Sequence[CustomRule],
@@ -172,8 +198,8 @@ class Evaluation(abc.ABC):
         """Rules in force from now on (`rules` is built from the pack, custom and disabled)."""
 
     @abc.abstractmethod
-    def dirty_rows(self) -> list[BaselineRow]:
-        """Baseline rows changed since the last call (to persist)."""
+    def save_baselines(self) -> None:
+        """Save the baseline rows changed since the last save in the detection store."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -182,19 +208,33 @@ class Evaluation(abc.ABC):
 class InProcessEvaluation(Evaluation):
     """Evaluation on the calling thread (for tests and single-core hosts)."""
 
-    def __init__(self, rules: RuleSet, baselines: Baselines) -> None:
+    def __init__(self, rules: RuleSet, baselines: Baselines, dstore: DetectionStore,
+                 dedup_window_ns: int) -> None:
         self.evaluator = Evaluator(rules, baselines)
+        self._dstore = dstore
+        self._dedup_window_ns = dedup_window_ns
+        self._results: deque[StoredAlerts | DetectionError] = deque()
 
-    def evaluate(self, agent_id: str, items: Sequence[Item]) -> list[NewAlert]:
-        return evaluate_items(self.evaluator, agent_id, items)
+    def submit(self, agent_id: str, items: Sequence[Item]) -> None:
+        try:
+            self._results.append(store_found(
+                self._dstore, evaluate_items(self.evaluator, agent_id, items),
+                self._dedup_window_ns))
+        except DetectionError as e:
+            self._results.append(e)
+
+    def collect(self) -> StoredAlerts:
+        result = self._results.popleft()
+        if isinstance(result, DetectionError):
+            raise result
+        return result
 
     def set_rules(self, rules: RuleSet, custom: Sequence[CustomRule],
                   disabled: set[str]) -> None:
         self.evaluator.rules = rules
 
-    def dirty_rows(self) -> list[BaselineRow]:
-        baselines = self.evaluator.baselines
-        return baselines.dirty_rows() if baselines is not None else []
+    def save_baselines(self) -> None:
+        save_baselines(self.evaluator, self._dstore)
 
     def close(self) -> None:
         pass
@@ -216,9 +256,17 @@ class _ForwardLogs(logging.Handler):
         return out
 
 
+def save_baselines(evaluator: Evaluator, dstore: DetectionStore) -> None:
+    if evaluator.baselines is not None:
+        rows = evaluator.baselines.dirty_rows()
+        if rows:
+            dstore.save_state(rows, {})
+
+
 def _evaluator_main(conn: Connection, pack_dir: Path | None, config: BaselineConfig,
                     custom: list[CustomRule], disabled: set[str],
-                    rows: list[BaselineRow]) -> None:
+                    rows: list[BaselineRow], open_store: Callable[[], DetectionStore],
+                    dedup_window_ns: int, save_interval_s: float) -> None:
     """The evaluator process: answer requests from the server until told to stop or until
     the server goes away (end of the pipe). Signals are for the server, which stops it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -230,28 +278,44 @@ def _evaluator_main(conn: Connection, pack_dir: Path | None, config: BaselineCon
     try:
         pack = load_pack(pack_dir) if pack_dir else []
         evaluator = Evaluator(build_ruleset(pack, custom, disabled), Baselines(config, rows))
+        dstore = open_store()
     except Exception as e:  # noqa: BLE001 - whatever it is, the server must hear of it
-        conn.send(("error", f"cannot load rules and baselines: {e!r}", logs.take()))
+        conn.send(("error", f"cannot load rules, baselines or the detection store: {e!r}",
+                   logs.take()))
         return
     conn.send(("ready", len(evaluator.rules.index), logs.take()))
+    next_save = time.monotonic() + save_interval_s
     while True:
         try:
+            # Baselines are saved here, between batches, so the server never waits for it.
+            if time.monotonic() >= next_save or not conn.poll(save_interval_s):
+                next_save = time.monotonic() + save_interval_s
+                try:
+                    save_baselines(evaluator, dstore)
+                except DetectionError as e:
+                    logger.error("baseline state not saved (kept, saved at the next try): %s",
+                                 e)
+                continue
             request = conn.recv()
         except (EOFError, OSError):
             return
         op = request[0]
         if op == "stop":
+            try:
+                save_baselines(evaluator, dstore)
+            except DetectionError as e:
+                logger.error("baseline state not saved at stop: %s", e)
+            dstore.close()
             conn.send(("ok", None, logs.take()))
             return
         try:
             reply: Any
             if op == "eval":
-                reply = evaluate_items(evaluator, request[1], request[2])
+                reply = store_found(dstore, evaluate_items(evaluator, request[1], request[2]),
+                                    dedup_window_ns)
             elif op == "rules":
                 evaluator.rules = build_ruleset(pack, request[1], request[2])
                 reply = len(evaluator.rules.index)
-            elif op == "flush":
-                reply = evaluator.baselines.dirty_rows() if evaluator.baselines else []
             else:
                 raise ValueError(f"unknown request {op!r}")
         except Exception as e:
@@ -265,16 +329,26 @@ def _evaluator_main(conn: Connection, pack_dir: Path | None, config: BaselineCon
 class ProcessEvaluation(Evaluation):
     """Evaluation in a child process (spawned, not forked: the server runs gRPC threads).
 
-    Requests go over a pipe one at a time. If the process dies, the request fails with a
-    DetectionError naming the exit code, and the next request starts a new process from the
-    last saved baseline state (`saved_rows`); counts learned since the last flush are lost,
-    which makes models quieter, never louder.
+    Batches go over a pipe in order, the next one while the process evaluates the one before.
+    The process stores the alerts it finds and saves its baseline state (every save
+    interval, between batches, and when it stops) through its own connection to the
+    detection store (`open_store`). If the process dies, the batches in flight fail with a
+    DetectionError naming the exit code (the engine evaluates them again from the store),
+    and the next batch starts a new process from the last saved baseline state
+    (`saved_rows`). What the models learned since that save from batches already collected
+    is lost (at most one save interval): a first sighting among them may be alerted once
+    more, folded into the open alert while it is open.
     """
 
     def __init__(self, pack_dir: Path | None, config: BaselineConfig, rules: RuleSet,
                  custom: Sequence[CustomRule], disabled: set[str],
-                 saved_rows: Callable[[], list[BaselineRow]]) -> None:
+                 saved_rows: Callable[[], list[BaselineRow]],
+                 open_store: Callable[[], DetectionStore], dedup_window_ns: int,
+                 save_interval_s: float) -> None:
         self._pack_dir = pack_dir
+        self._save_interval_s = save_interval_s
+        self._open_store = open_store
+        self._dedup_window_ns = dedup_window_ns
         self._config = config
         self._custom = list(custom)
         self._disabled = set(disabled)
@@ -284,6 +358,8 @@ class ProcessEvaluation(Evaluation):
         self._proc: Any = None
         self._conn: Connection | None = None
         self._ready = False
+        self._submitted = 0         # batches submitted and not collected
+        self._in_flight = 0         # of those, sent to the current process
         self.starts = 0
 
     def start(self) -> None:
@@ -297,7 +373,8 @@ class ProcessEvaluation(Evaluation):
         proc = self._ctx.Process(
             target=_evaluator_main, name="ringfence-detection", daemon=True,
             args=(child, self._pack_dir, self._config, self._custom, self._disabled,
-                  self._saved_rows()))
+                  self._saved_rows(), self._open_store, self._dedup_window_ns,
+                  self._save_interval_s))
         proc.start()
         child.close()
         self._proc, self._conn, self._ready = proc, parent, False
@@ -306,6 +383,7 @@ class ProcessEvaluation(Evaluation):
 
     def _discard(self) -> str:
         proc, self._proc = self._proc, None
+        self._in_flight = 0         # their replies are lost with the process
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -335,38 +413,60 @@ class ProcessEvaluation(Evaluation):
             raise DetectionError(f"detection evaluator: {payload}")
         return payload
 
+    def _send(self, request: tuple[Any, ...]) -> None:
+        """Send a request (with the lock held), starting the process if needed."""
+        if self._proc is None:
+            self._spawn()
+        assert self._conn is not None
+        if not self._ready:
+            self._receive(START_TIMEOUT_S)
+            self._ready = True
+        try:
+            self._conn.send(request)
+        except (OSError, ValueError) as e:
+            how = self._discard()
+            raise DetectionError(f"cannot reach the detection evaluator process ({how})"
+                                 ) from e
+
     def _call(self, *request: Any) -> Any:
         with self._lock:
-            if self._proc is None:
-                self._spawn()
-            assert self._conn is not None
-            if not self._ready:
-                self._receive(START_TIMEOUT_S)
-                self._ready = True
-            try:
-                self._conn.send(request)
-            except (OSError, ValueError) as e:
-                how = self._discard()
-                raise DetectionError(f"cannot reach the detection evaluator process ({how})"
-                                     ) from e
+            if self._in_flight:
+                raise DetectionError(f"{request[0]} asked of the evaluator while "
+                                     f"{self._in_flight} batches are in flight")
+            self._send(request)
             return self._receive(None)
 
-    def evaluate(self, agent_id: str, items: Sequence[Item]) -> list[NewAlert]:
+    def submit(self, agent_id: str, items: Sequence[Item]) -> None:
         # The process decodes the stored bytes itself; decoded messages (tests) are
         # serialized again.
         wire = [(seq, e if isinstance(e, bytes) else e.SerializeToString())
                 for seq, e in items]
-        alerts: list[NewAlert] = self._call("eval", agent_id, wire)
-        return alerts
+        with self._lock:
+            self._send(("eval", agent_id, wire))
+            self._submitted += 1
+            self._in_flight += 1
+
+    def collect(self) -> StoredAlerts:
+        with self._lock:
+            if self._submitted == 0:
+                raise AssertionError("collect() without a submitted batch")
+            self._submitted -= 1
+            if self._in_flight == 0:
+                # Its submit failed, or the process died with it: it was never evaluated.
+                raise DetectionError("the batch did not reach the detection evaluator "
+                                     "process; it is evaluated again from the store")
+            self._in_flight -= 1
+            stored: StoredAlerts = self._receive(None)
+            return stored
 
     def set_rules(self, rules: RuleSet, custom: Sequence[CustomRule],
                   disabled: set[str]) -> None:
         self._custom, self._disabled = list(custom), set(disabled)
         self._call("rules", self._custom, self._disabled)
 
-    def dirty_rows(self) -> list[BaselineRow]:
-        rows: list[BaselineRow] = self._call("flush")
-        return rows
+    def save_baselines(self) -> None:
+        """Nothing to do here: the process saves its baselines itself every save interval
+        (between batches) and when it stops."""
 
     def close(self) -> None:
         with self._lock:

@@ -133,23 +133,28 @@ class DNSCache:
         return self._names.get(address)
 
 
+_Extract = Callable[[Any], "str | None"]
+
+
 class Fields(dict[str, "str | None"]):
     """The text values of one event's record fields, computed on first use and cached.
 
     `fields[name]` is the value, or None when the event has no such field; `get` behaves
     like a dict of the present fields. Detection reads a handful of fields per event, so
-    converting only those (not the whole protobuf message) is most of its speed.
+    converting only those (not the whole protobuf message) is most of its speed; building
+    one must cost next to nothing too (no closures, no per-event tuples).
     """
 
-    __slots__ = ("_compute", "names")
+    __slots__ = ("_table", "_body", "names")
 
-    def __init__(self, compute: Callable[[str], str | None], names: tuple[str, ...]) -> None:
-        super().__init__()
-        self._compute = compute
+    def __init__(self, table: dict[str, _Extract], body: Any, names: tuple[str, ...]) -> None:
+        self._table = table         # field -> how to compute it from `body`
+        self._body = body
         self.names = names          # every field this kind of event can have
 
     def __missing__(self, name: str) -> str | None:
-        value = self._compute(name)
+        extract = self._table.get(name)
+        value = None if extract is None else extract(self._body)
         self[name] = value
         return value
 
@@ -162,23 +167,28 @@ class Fields(dict[str, "str | None"]):
         return {n: v for n in self.names if (v := self[n]) is not None}
 
 
-def _none(name: str) -> None:
-    return None
+class _Lowered(Fields):
+    """The lower-cased view of another Fields, cached the same way."""
+
+    __slots__ = ()
+
+    def __missing__(self, name: str) -> str | None:
+        value = self._body[name]
+        lower = None if value is None else value.lower()
+        self[name] = lower
+        return lower
 
 
 def fields_of(record: Record) -> Fields:
     """Fields of a ready-made record (tests, tools); numbers become their text."""
-    out = Fields(_none, tuple(record))
+    out = Fields({}, None, tuple(record))
     out.update({k: v if isinstance(v, str) else str(v) for k, v in record.items()})
     return out
 
 
 def lowered(raw: Fields) -> Fields:
-    """The lower-cased view of `raw`, cached the same way (for case-insensitive matching)."""
-    def lower(name: str) -> str | None:
-        value = raw[name]
-        return None if value is None else value.lower()
-    return Fields(lower, raw.names)
+    """The lower-cased view of `raw` (for case-insensitive matching)."""
+    return _Lowered({}, raw, raw.names)
 
 
 def _str(value: str) -> str | None:
@@ -211,7 +221,6 @@ def _has_parent(a: pb.ProcessActivity) -> bool:
 
 # Field -> how to compute it from the event body, per category. A field whose value is empty
 # (or, where the original record dropped zeros, zero) is absent: None.
-_Extract = Callable[[Any], "str | None"]
 _PROCESS: dict[str, _Extract] = {
     "process.exe": lambda a: _bytes(a.process.exe),
     "process.name": lambda a: _process_name(a.process),
@@ -264,15 +273,8 @@ class EventFields(NamedTuple):
     raw: Fields
 
 
-def _fields(table: dict[str, _Extract], body: Any, extra: dict[str, str] | None = None
-            ) -> Fields:
-    def compute(name: str) -> str | None:
-        if extra is not None and name in extra:
-            return extra[name]
-        extract = table.get(name)
-        return None if extract is None else extract(body)
-    names = tuple(table) + (tuple(extra) if extra else ())
-    return Fields(compute, names)
+_PROCESS_NAMES, _FILE_NAMES, _DNS_NAMES = tuple(_PROCESS), tuple(_FILE), tuple(_DNS)
+_NETWORK_NAMES = (*_NETWORK, "dst_endpoint.hostname")
 
 
 def event_fields(event: pb.Event, dns: DNSCache | None = None) -> EventFields | None:
@@ -283,24 +285,24 @@ def event_fields(event: pb.Event, dns: DNSCache | None = None) -> EventFields | 
         activity = event.process
         if activity.activity_id != 1 or activity.is_fork:
             return None
-        return EventFields("process_creation", _fields(_PROCESS, activity))
+        return EventFields("process_creation", Fields(_PROCESS, activity, _PROCESS_NAMES))
     if kind == "file":
         f = event.file
         category = _FILE_CATEGORIES.get(f.activity_id)
         if category is None or f.is_directory:
             return None
-        return EventFields(category, _fields(_FILE, f))
+        return EventFields(category, Fields(_FILE, f, _FILE_NAMES))
     if kind == "network":
         n = event.network
-        extra = None
+        raw = Fields(_NETWORK, n, _NETWORK_NAMES)
         if dns is not None and (name := dns.name_of(n.dst_endpoint.ip)):
-            extra = {"dst_endpoint.hostname": name}
-        return EventFields("network_connection", _fields(_NETWORK, n, extra))
+            raw["dst_endpoint.hostname"] = name
+        return EventFields("network_connection", raw)
     if kind == "dns":
         d = event.dns
         if dns is not None and d.answers:
             dns.learn(d.hostname, list(d.answers))
-        return EventFields("dns_query", _fields(_DNS, d))
+        return EventFields("dns_query", Fields(_DNS, d, _DNS_NAMES))
     return None
 
 

@@ -86,6 +86,19 @@ class AlertLogRow:
 
 
 @dataclass(frozen=True)
+class StoredAlerts:
+    """What one `raise_alerts` call stored: every alert it raised or repeated, and which of
+    them it raised (an alert raised and repeated in the same batch is in both)."""
+
+    alerts: list[Alert]
+    raised: frozenset[int]
+    matches: int = 0             # alerts passed in (each match, before folding)
+
+    def newly_raised(self) -> list[Alert]:
+        return [a for a in self.alerts if a.alert_id in self.raised]
+
+
+@dataclass(frozen=True)
 class BaselineRow:
     model: str
     scope: str                   # agent id, "agent|user", or "*" for the fleet
@@ -120,9 +133,18 @@ def raised_body(alert: NewAlert) -> str:
                       "event": [alert.event.agent_id, alert.event.seq] if alert.event else None})
 
 
-def repeated_body(alert: NewAlert) -> str:
-    return canonical({"time_ns": alert.time_ns,
-                      "event": [alert.event.agent_id, alert.event.seq] if alert.event else None})
+def repeated_body(alerts: Sequence[NewAlert]) -> str:
+    """One log record for every repeat of an open alert in one stored batch: how many, the
+    matching events and the newest event time. (Records written before batching held one
+    repeat each, with "event" and "time_ns"; the verifier reads both.)"""
+    return canonical({"count": len(alerts),
+                      "events": [[a.event.agent_id, a.event.seq] for a in alerts if a.event],
+                      "last_event_ns": max(a.time_ns for a in alerts)})
+
+
+def repeat_count(body: str) -> int:
+    """How many repeats a "repeated" log record stands for."""
+    return int(json.loads(body).get("count", 1))
 
 
 def status_body(status: str, reason: str, actor: str) -> str:
@@ -157,7 +179,7 @@ def verify_alert_log(rows: Sequence[AlertLogRow], head: tuple[int, bytes] | None
             counts[row.alert_id] = 1
             status[row.alert_id] = "new"
         elif row.kind == "repeated":
-            counts[row.alert_id] = counts.get(row.alert_id, 0) + 1
+            counts[row.alert_id] = counts.get(row.alert_id, 0) + repeat_count(row.body)
         elif row.kind == "status":
             status[row.alert_id] = json.loads(row.body)["status"]
         prev = row.hash

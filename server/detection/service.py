@@ -68,6 +68,9 @@ class DetectionRuntime:
         if self.config.enabled:
             self.engine.submit(agent_id, events)
 
+    def hold_ingest_s(self) -> float:
+        return self.engine.hold_ingest_s() if self.config.enabled else 0.0
+
     def stop(self) -> None:
         if self.config.enabled:
             self.engine.stop()

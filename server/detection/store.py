@@ -4,15 +4,19 @@ evaluation cursors, queue overflows, custom and disabled rules.
 `DetectionStore` is the small interface; `SQLiteDetectionStore` keeps it in its own database
 file next to the evidence database (DATA/detection.sqlite), so detection writes never contend
 with ingest for the evidence database's write lock. Evidence itself is never touched here.
+Two processes write it: the server (status changes, state, rules) and the detection
+evaluator process (alerts); every write is one transaction that reads the alert log head
+inside it, so the chain stays linear.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ from server.detection.records import (
     CustomRule,
     EventRef,
     NewAlert,
+    StoredAlerts,
     log_hash,
     raised_body,
     repeated_body,
@@ -45,9 +50,10 @@ class DetectionStore(abc.ABC):
     # -- alerts ---------------------------------------------------------------------------------
     @abc.abstractmethod
     def raise_alerts(self, alerts: Sequence[NewAlert], now_ns: int,
-                     dedup_window_ns: int) -> list[Alert]:
+                     dedup_window_ns: int) -> StoredAlerts:
         """Store each alert, or fold it into the open alert with the same dedup key updated
-        within the window (count + 1, event link kept); return the stored alerts."""
+        within the window (count + 1, event link kept while there is room). All repeats of
+        one alert in a call are one log record with their count and events."""
 
     @abc.abstractmethod
     def list_alerts(self, agent_id: str = "", min_severity: str = "", status: str = "",
@@ -104,6 +110,10 @@ class DetectionStore(abc.ABC):
     @abc.abstractmethod
     def rules_version(self) -> int:
         """A number that changes whenever rules are added, enabled or disabled."""
+
+    @abc.abstractmethod
+    def opener(self) -> Callable[[], DetectionStore]:
+        """A picklable callable that opens this same store (in the evaluator process)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -193,51 +203,75 @@ class SQLiteDetectionStore(DetectionStore):
 
     # -- alert log ------------------------------------------------------------------------------
     @staticmethod
-    def _append_log(db: sqlite3.Connection, time_ns: int, alert_id: int, kind: str,
-                    body: str) -> bytes:
-        head = db.execute("SELECT seq, hash FROM alert_head WHERE id = 1").fetchone()
-        seq, prev = (head[0] + 1, bytes(head[1])) if head else (1, GENESIS)
-        digest = log_hash(prev, seq, time_ns, alert_id, kind, body)
+    def _append_log(db: sqlite3.Connection, head: tuple[int, bytes], time_ns: int,
+                    alert_id: int, kind: str, body: str) -> tuple[int, bytes]:
+        """Append one record after `head` (seq, hash); return the new head."""
+        seq, digest = head[0] + 1, log_hash(head[1], head[0] + 1, time_ns, alert_id, kind, body)
         db.execute("INSERT INTO alert_log VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (seq, time_ns, alert_id, kind, body, prev, digest))
+                   (seq, time_ns, alert_id, kind, body, head[1], digest))
+        return seq, digest
+
+    @staticmethod
+    def _read_head(db: sqlite3.Connection) -> tuple[int, bytes]:
+        row = db.execute("SELECT seq, hash FROM alert_head WHERE id = 1").fetchone()
+        return (row[0], bytes(row[1])) if row else (0, GENESIS)
+
+    @staticmethod
+    def _write_head(db: sqlite3.Connection, head: tuple[int, bytes]) -> None:
         db.execute("INSERT INTO alert_head (id, seq, hash) VALUES (1, ?, ?) ON CONFLICT(id) "
-                   "DO UPDATE SET seq = excluded.seq, hash = excluded.hash", (seq, digest))
-        return digest
+                   "DO UPDATE SET seq = excluded.seq, hash = excluded.hash", head)
 
     def raise_alerts(self, alerts: Sequence[NewAlert], now_ns: int,
-                     dedup_window_ns: int) -> list[Alert]:
+                     dedup_window_ns: int) -> StoredAlerts:
+        groups: dict[str, list[NewAlert]] = {}
+        for a in alerts:
+            groups.setdefault(a.dedup_key, []).append(a)
         touched: list[int] = []
+        raised: set[int] = set()
         with self._tx() as db:
-            for a in alerts:
+            head = self._read_head(db)
+            next_id = db.execute("SELECT COALESCE(MAX(alert_id), 0) + 1 FROM alerts").fetchone()[0]
+            for key, group in groups.items():
                 row = db.execute(
                     "SELECT alert_id, events FROM alerts WHERE dedup_key = ? AND status != "
                     "'closed' AND updated_ns >= ? ORDER BY alert_id DESC LIMIT 1",
-                    (a.dedup_key, now_ns - dedup_window_ns)).fetchone()
-                ref = [[a.event.agent_id, a.event.seq]] if a.event else []
-                if row is not None:
-                    events = json.loads(row[1])
-                    if len(events) < MAX_EVENT_REFS:
-                        events.extend(ref)
-                    db.execute("UPDATE alerts SET count = count + 1, events = ?, "
-                               "last_event_ns = MAX(last_event_ns, ?), updated_ns = ? "
-                               "WHERE alert_id = ?",
-                               (json.dumps(events), a.time_ns, now_ns, row[0]))
-                    self._append_log(db, now_ns, row[0], "repeated", repeated_body(a))
-                    touched.append(row[0])
-                    continue
-                alert_id = (db.execute("SELECT COALESCE(MAX(alert_id), 0) + 1 FROM alerts")
-                            .fetchone()[0])
-                digest = self._append_log(db, now_ns, alert_id, "raised", raised_body(a))
-                db.execute(f"INSERT INTO alerts ({ALERT_COLUMNS}, severity_rank) VALUES "
-                           "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, 'new', '', '', ?, ?)",
-                           (alert_id, now_ns, a.agent_id, a.source, a.rule_id, a.title,
-                            a.severity, a.detail, a.dedup_key, json.dumps(ref), a.time_ns,
-                            a.time_ns, now_ns, digest, severity_rank(a.severity)))
+                    (key, now_ns - dedup_window_ns)).fetchone()
+                if row is None:
+                    first, group = group[0], group[1:]
+                    alert_id, next_id = next_id, next_id + 1
+                    head = self._append_log(db, head, now_ns, alert_id, "raised",
+                                            raised_body(first))
+                    ref = [[first.event.agent_id, first.event.seq]] if first.event else []
+                    db.execute(f"INSERT INTO alerts ({ALERT_COLUMNS}, severity_rank) VALUES "
+                               "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, 'new', '', '', ?, ?)",
+                               (alert_id, now_ns, first.agent_id, first.source, first.rule_id,
+                                first.title, first.severity, first.detail, key, json.dumps(ref),
+                                first.time_ns, first.time_ns, now_ns, head[1],
+                                severity_rank(first.severity)))
+                    raised.add(alert_id)
+                    events: list[list[Any]] = ref
+                else:
+                    alert_id, events = row[0], json.loads(row[1])
                 touched.append(alert_id)
+                if not group:
+                    continue
+                # Every repeat in this batch: one log record and one update, with the count.
+                room = MAX_EVENT_REFS - len(events)
+                if room > 0:
+                    events.extend([[a.event.agent_id, a.event.seq]
+                                   for a in group if a.event][:room])
+                db.execute("UPDATE alerts SET count = count + ?, events = ?, "
+                           "last_event_ns = MAX(last_event_ns, ?), updated_ns = ? "
+                           "WHERE alert_id = ?",
+                           (len(group), json.dumps(events), max(a.time_ns for a in group),
+                            now_ns, alert_id))
+                head = self._append_log(db, head, now_ns, alert_id, "repeated",
+                                        repeated_body(group))
+            self._write_head(db, head)
             ids = sorted(set(touched))
             rows = db.execute(f"SELECT {ALERT_COLUMNS} FROM alerts WHERE alert_id IN "
                               f"({','.join('?' * len(ids))})", ids).fetchall() if ids else []
-        return [_alert(r) for r in rows]
+        return StoredAlerts([_alert(r) for r in rows], frozenset(raised), len(alerts))
 
     def list_alerts(self, agent_id: str = "", min_severity: str = "", status: str = "",
                     after_id: int = 0, limit: int = 1000) -> list[Alert]:
@@ -276,7 +310,9 @@ class SQLiteDetectionStore(DetectionStore):
             db.execute("UPDATE alerts SET status = ?, status_reason = ?, status_actor = ?, "
                        "updated_ns = ? WHERE alert_id = ?",
                        (status, reason, actor, now_ns, alert_id))
-            self._append_log(db, now_ns, alert_id, "status", status_body(status, reason, actor))
+            head = self._append_log(db, self._read_head(db), now_ns, alert_id, "status",
+                                    status_body(status, reason, actor))
+            self._write_head(db, head)
         return self.get_alert(alert_id)
 
     def open_alert_counts(self) -> dict[str, int]:
@@ -353,6 +389,9 @@ class SQLiteDetectionStore(DetectionStore):
     def rules_version(self) -> int:
         rows = self._query("SELECT value FROM meta WHERE key = 'rules_version'")
         return int(rows[0][0]) if rows else 0
+
+    def opener(self) -> Callable[[], DetectionStore]:
+        return functools.partial(SQLiteDetectionStore, self.path)
 
     def close(self) -> None:
         with self._lock:

@@ -64,6 +64,9 @@ class _NullControl:
 
     def events_stored(self, *a: object) -> None: ...
 
+    def hold_ingest_s(self) -> float:
+        return 0.0
+
     def command_result(self, *a: object) -> None: ...
 
     def file_chunk(self, *a: object) -> None: ...

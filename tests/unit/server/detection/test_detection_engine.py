@@ -3,6 +3,7 @@ detection, queue overflow caught up from the evidence store by seq, restart resu
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -19,7 +20,13 @@ from server.detection import InvalidTransition
 from server.detection.baselines import BaselineConfig
 from server.detection.engine import DetectionConfig, DetectionEngine
 from server.detection.evaluation import ProcessEvaluation
-from server.detection.records import AlertChainBroken, EventRef, NewAlert, verify_alert_log
+from server.detection.records import (
+    MAX_EVENT_REFS,
+    AlertChainBroken,
+    EventRef,
+    NewAlert,
+    verify_alert_log,
+)
 from server.detection.store import SQLiteDetectionStore
 
 AGENT = "00000000-0000-4000-8000-000000000001"
@@ -38,12 +45,13 @@ def _verify(d: SQLiteDetectionStore) -> int:
 def test_dedup_status_and_chain(tmp_path: Path) -> None:
     d = SQLiteDetectionStore(tmp_path / "d.sqlite")
     now = time.time_ns()
-    [first] = d.raise_alerts([_alert(1)], now, 600 * NS)
-    [same] = d.raise_alerts([_alert(2)], now + NS, 600 * NS)
+    [first] = d.raise_alerts([_alert(1)], now, 600 * NS).alerts
+    [same] = d.raise_alerts([_alert(2)], now + NS, 600 * NS).alerts
     assert same.alert_id == first.alert_id and same.count == 2
     assert same.events == (EventRef(AGENT, 1), EventRef(AGENT, 2))
-    [other_tree] = d.raise_alerts([_alert(3, tree="t2")], now + NS, 600 * NS)
-    [later] = d.raise_alerts([_alert(4)], now + 700 * NS, 600 * NS)      # outside the window
+    [other_tree] = d.raise_alerts([_alert(3, tree="t2")], now + NS, 600 * NS).alerts
+    # outside the window:
+    [later] = d.raise_alerts([_alert(4)], now + 700 * NS, 600 * NS).alerts
     assert len({first.alert_id, other_tree.alert_id, later.alert_id}) == 3
     assert d.open_alert_counts() == {AGENT: 3}
     d.set_status(first.alert_id, "acknowledged", "looking", "alice", now)
@@ -53,13 +61,34 @@ def test_dedup_status_and_chain(tmp_path: Path) -> None:
     with pytest.raises(InvalidTransition):
         d.set_status(first.alert_id, "acknowledged", "again", "alice", now)
     # A repeat within the window joins the open alert of its tree.
-    [repeat] = d.raise_alerts([_alert(5)], now + 701 * NS, 600 * NS)
+    [repeat] = d.raise_alerts([_alert(5)], now + 701 * NS, 600 * NS).alerts
     assert (repeat.alert_id, repeat.count) == (later.alert_id, 2)
     # A repeat after closing opens a new alert rather than reviving the closed one.
     d.set_status(other_tree.alert_id, "closed", "benign", "alice", now + 702 * NS)
-    [reopened] = d.raise_alerts([_alert(6, tree="t2")], now + 703 * NS, 600 * NS)
+    [reopened] = d.raise_alerts([_alert(6, tree="t2")], now + 703 * NS, 600 * NS).alerts
     assert reopened.alert_id > later.alert_id and reopened.count == 1
     assert _verify(d) == 9
+    d.close()
+
+
+def test_repeats_in_one_batch_are_one_record_and_the_raise_is_reported(tmp_path: Path) -> None:
+    d = SQLiteDetectionStore(tmp_path / "d.sqlite")
+    now = time.time_ns()
+    batch = [_alert(seq) for seq in range(1, 61)] + [_alert(61, rule="r2")]
+    stored = d.raise_alerts(batch, now, 600 * NS)
+    by_rule = {a.rule_id: a for a in stored.alerts}
+    assert by_rule["r1"].count == 60 and by_rule["r2"].count == 1
+    # Raised in this batch, although already repeated in it: reactions must still see it.
+    assert {a.rule_id for a in stored.newly_raised()} == {"r1", "r2"}
+    assert len(by_rule["r1"].events) == MAX_EVENT_REFS
+    assert by_rule["r1"].events[-1] == EventRef(AGENT, MAX_EVENT_REFS)
+    log = d.alert_log()
+    assert [r.kind for r in log] == ["raised", "repeated", "raised"]
+    assert json.loads(log[1].body)["events"] == [[AGENT, s] for s in range(2, 61)]
+    # The next batch repeats an open alert: reported as stored, not as raised.
+    later = d.raise_alerts([_alert(62), _alert(63)], now + NS, 600 * NS)
+    assert [a.count for a in later.alerts] == [62] and later.newly_raised() == []
+    assert _verify(d) == 4
     d.close()
 
 

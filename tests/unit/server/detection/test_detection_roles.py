@@ -26,7 +26,8 @@ def test_roles_and_audit(tmp_path: Path) -> None:
     admin = Admin(store, SessionRegistry(), None, [])  # type: ignore[arg-type]
     detection = DetectionAdmin(admin, runtime)
     [alert] = dstore.raise_alerts([NewAlert("a1", "sigma", "r", "Rule", "high", "d", "k",
-                                            EventRef("a1", 7), 1)], time.time_ns(), 10**12)
+                                            EventRef("a1", 7), 1)],
+                                  time.time_ns(), 10**12).alerts
     viewer, responder = Actor("vera", "viewer"), Actor("rita", "responder")
     alerts, error, _ = detection.list_alerts(viewer, "", "high", "open", 0, 10, True)
     assert [a.alert_id for a in alerts] == [alert.alert_id] and error == ""
