@@ -144,6 +144,7 @@ class DetectionEngine:
         self._pending: deque[tuple[str, int, int, float]] = deque()
         self._failed: set[str] = set()
         self._working = False       # the worker holds events it took (guarded by _cond)
+        self._in_hand: float | None = None  # queued_at of the batch being handed over
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._announcements: queue.Queue[StoredAlerts | None] = queue.Queue()
@@ -224,6 +225,8 @@ class DetectionEngine:
             waiting = list(self._behind.values())
             if self._queue:
                 waiting.append(self._queue[0].queued_at)
+            if self._in_hand is not None:
+                waiting.append(self._in_hand)
         try:
             waiting.append(self._pending[0][3])     # the worker's; read without its lock
         except IndexError:
@@ -254,6 +257,7 @@ class DetectionEngine:
                         self._working = False
                         self._cond.wait(0.2)
                     item = self._take_batch()
+                    self._in_hand = item.queued_at if item is not None else None
                     behind = (next(iter(self._behind), None)
                               if item is None and not self._pending else None)
                     self._working = bool(item or behind or self._pending)
@@ -261,6 +265,7 @@ class DetectionEngine:
                     if item is not None:
                         self._submit(item.agent_id, [(d.seq, d.data or d.event)
                                                      for d in item.events], item.queued_at)
+                        self._in_hand = None
                     # One batch stays with the evaluator while this thread collects the one
                     # before it, so the evaluator never waits for this thread (which waits
                     # for the interpreter lock while ingest is busy).

@@ -16,7 +16,12 @@ import pytest
 
 from agent.state import AgentPaths
 from collector.presence import LastSeen
-from collector.rpc import CollectorListener, CollectorService, SessionRegistry
+from collector.rpc import (
+    MAX_INGEST_HOLD_S,
+    CollectorListener,
+    CollectorService,
+    SessionRegistry,
+)
 from collector.store.base import StoreUnavailable
 from collector.store.sqlite import SQLiteStore
 from proto import ringfence_pb2 as pb
@@ -72,14 +77,27 @@ class _NullControl:
     def file_chunk(self, *a: object) -> None: ...
 
 
+class _HoldingControl(_NullControl):
+    """Asks the collector to hold ingest, always (a consumer that never catches up)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def hold_ingest_s(self) -> float:
+        self.asked += 1
+        return 0.05
+
+
 @contextlib.contextmanager
-def _own_listener(fleet: Fleet) -> Iterator[tuple[str, SessionRegistry]]:
+def _own_listener(fleet: Fleet, control: object | None = None
+                  ) -> Iterator[tuple[str, SessionRegistry]]:
     """A second collector listener on the fleet's store, with a registry the test holds."""
     registry = SessionRegistry()
     creds = grpc.ssl_server_credentials(
         [(fleet.paths.server_key.read_bytes(), fleet.paths.server_cert.read_bytes())],
         root_certificates=fleet.paths.ca_cert.read_bytes(), require_client_auth=True)
-    listener = CollectorListener(CollectorService(fleet.store, _NullControl(), registry),  # type: ignore[arg-type]
+    service = CollectorService(fleet.store, control or _NullControl(), registry)  # type: ignore[arg-type]
+    listener = CollectorListener(service,
                                  "127.0.0.1:0", creds, server_options(), 10)
     port = listener.bind()
     listener.start()
@@ -135,6 +153,29 @@ def test_blocked_ingest_of_one_stream_does_not_stall_another(tmp_path: Path) -> 
             release.set()
             a.close()
             b.close()
+
+
+def test_a_lagging_consumer_holds_the_next_batch_but_never_stops_ingest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    control = _HoldingControl()
+    with running_fleet(tmp_path) as fleet, _own_listener(fleet, control) as (target, _):
+        agent = fleet.enroll(tmp_path / "a")
+        stream = _Stream(fleet, tmp_path / "a", agent.agent_id, target)
+        try:
+            assert stream.next().ack.durable_seq == 0
+            stream.send(_batch(agent.agent_id, 1))
+            assert stream.next().ack.durable_seq == 1   # stored and acknowledged at once
+            stream.send(_batch(agent.agent_id, 2))
+            time.sleep(0.5)
+            # Held after batch 1: batch 2 waits in the stream (the agent keeps it spooled).
+            assert fleet.store.chain_state(agent.agent_id).last_seq == 1
+            assert control.asked >= 5
+            # ... but only up to MAX_INGEST_HOLD_S per batch: evidence keeps arriving.
+            assert stream.next().ack.durable_seq == 2
+            assert control.asked >= MAX_INGEST_HOLD_S / 0.05
+        finally:
+            stream.close()
+    assert any("detection cannot keep up" in r.getMessage() for r in caplog.records)
 
 
 def test_commands_and_close_from_foreign_threads(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ import json
 import os
 import signal
 import sqlite3
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,8 @@ from proto import ringfence_pb2 as pb
 from server.detection import InvalidTransition
 from server.detection.baselines import BaselineConfig
 from server.detection.engine import DetectionConfig, DetectionEngine
-from server.detection.evaluation import ProcessEvaluation
+from server.detection import DetectionError
+from server.detection.evaluation import InProcessEvaluation, Item, ProcessEvaluation
 from server.detection.records import (
     MAX_EVENT_REFS,
     AlertChainBroken,
@@ -224,8 +227,84 @@ def test_a_dead_evaluator_process_is_replaced_and_nothing_is_skipped(
         time.sleep(0.05)
     engine.stop()
     assert evaluation.starts == 2
-    assert any("stopped answering" in r.getMessage() for r in caplog.records)
+    # Loud: the worker logs the failure, naming the exit code of the killed process.
+    assert any("evaluator process" in r.getMessage() and "exit code -9" in r.getMessage()
+               for r in caplog.records)
     seqs = sorted(e.seq for a in d.list_alerts(limit=10**6) for e in a.events)
     assert seqs == list(range(2, 41))
+    d.close()
+    store.close()
+
+
+class _GatedEvaluation(InProcessEvaluation):
+    """Evaluates in process, but each batch waits for the test to open the gate, and the
+    collect of the batches listed in `fail` reports a failure (their alerts unstored)."""
+
+    def __init__(self, inner: InProcessEvaluation, fail: Sequence[int] = ()) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.gate = threading.Event()
+        self.fail = set(fail)
+        self.submitted: list[tuple[int, int]] = []
+
+    def submit(self, agent_id: str, items: Sequence[Item]) -> None:
+        self.gate.wait(20)
+        self.submitted.append((items[0][0], items[-1][0]))
+        if len(self.submitted) in self.fail:
+            self._results.append(DetectionError("evaluator failed on this batch"))
+        else:
+            super().submit(agent_id, items)
+
+
+def test_detection_lag_asks_the_collector_to_hold_ingest(tmp_path: Path) -> None:
+    events = [_event(s, "/usr/bin/base64", "base64", "-d") for s in range(1, 21)]
+    store = _evidence(tmp_path, events[:1])
+    d = SQLiteDetectionStore(tmp_path / "d.sqlite")
+    engine = DetectionEngine(store, d, DetectionConfig(
+        baselines=BaselineConfig(enabled=False), separate_process=False,
+        hold_ingest_after_s=0.2))
+    assert isinstance(engine.evaluation, InProcessEvaluation)
+    gated = engine.evaluation = _GatedEvaluation(engine.evaluation)
+    engine.start()
+    assert engine.hold_ingest_s() == 0 and engine.lag_s() == 0
+    engine.submit(AGENT, [DecodedEvent(e.seq, b"", e, "process") for e in events[1:]])
+    time.sleep(0.4)             # the worker holds the batch at the closed gate
+    assert engine.lag_s() >= 0.4 and engine.hold_ingest_s() > 0
+    gated.gate.set()
+    _wait(engine)
+    assert engine.lag_s() == 0 and engine.hold_ingest_s() == 0
+    engine.stop()
+    assert engine.hold_ingest_s() == 0          # a stopped engine never holds ingest
+    d.close()
+    store.close()
+
+
+def test_a_failed_batch_in_flight_is_evaluated_again_and_nothing_is_skipped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.detection.engine as engine_module
+    monkeypatch.setattr(engine_module, "EVALUATE_EVENTS", 10)   # batches are not joined
+    events = [_event(s, "/usr/bin/base64", "base64", "-d") for s in range(1, 42)]
+    store = _evidence(tmp_path, events[:1])
+    d = SQLiteDetectionStore(tmp_path / "d.sqlite")
+    engine = DetectionEngine(store, d, DetectionConfig(
+        baselines=BaselineConfig(enabled=False), separate_process=False))
+    assert isinstance(engine.evaluation, InProcessEvaluation)
+    # The second batch fails while the third is in flight behind it.
+    gated = engine.evaluation = _GatedEvaluation(engine.evaluation, fail=[2])
+    engine.start()
+    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
+            for e in events[1:]]
+    store.commit_batch(rows, [], [], [], ChainState(41, bytes(32)))
+    for i in range(1, 41, 10):
+        engine.submit(AGENT, [DecodedEvent(e.seq, b"", e, "process") for e in events[i:i + 10]])
+    gated.gate.set()
+    _wait(engine)
+    engine.stop()
+    assert gated.submitted[:3] == [(2, 11), (12, 21), (22, 31)]
+    # The failed batch (and the one behind it, whose alerts were stored) were read back from
+    # the store: every event is in an alert, the cursor reached the end.
+    seqs = {e.seq for a in d.list_alerts(limit=10**6) for e in a.events}
+    assert seqs == set(range(2, 42))
+    assert any(first == 12 for first, _ in gated.submitted[3:]), gated.submitted
+    assert d.cursors() == {AGENT: 41}
     d.close()
     store.close()
