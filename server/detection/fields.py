@@ -277,6 +277,31 @@ _PROCESS_NAMES, _FILE_NAMES, _DNS_NAMES = tuple(_PROCESS), tuple(_FILE), tuple(_
 _NETWORK_NAMES = (*_NETWORK, "dst_endpoint.hostname")
 
 
+def _process_fields(a: pb.ProcessActivity) -> Fields:
+    """A launch's fields, with those every launch needs (the rule memo's and the baselines')
+    computed at once: one call instead of one lazy look-up each. Same values as _PROCESS."""
+    raw = Fields(_PROCESS, a, _PROCESS_NAMES)
+    p, parent = a.process, a.parent_process
+    exe, argv = p.exe, p.argv
+    raw["process.exe"] = exe.decode("utf-8", "backslashreplace") if exe else None
+    # Joined, then decoded once: a space never belongs to a multi-byte sequence, so this
+    # equals decoding each argument (what _argv does).
+    raw["process.cmd_line"] = b" ".join(argv).decode("utf-8", "backslashreplace") if argv \
+        else None
+    raw["process.user"] = p.user or None
+    raw["process.exe_sha256"] = p.exe_sha256 or None
+    parent_exe = parent.exe
+    if parent_exe or parent.pid:
+        pargv = parent.argv
+        raw["parent_process.exe"] = (parent_exe.decode("utf-8", "backslashreplace")
+                                     if parent_exe else None)
+        raw["parent_process.cmd_line"] = (b" ".join(pargv).decode("utf-8", "backslashreplace")
+                                          if pargv else None)
+    else:
+        raw["parent_process.exe"] = raw["parent_process.cmd_line"] = None
+    return raw
+
+
 def event_fields(event: pb.Event, dns: DNSCache | None = None) -> EventFields | None:
     """The category and lazy fields of an event, or None for kinds detection does not look
     at. DNS answers are learned here (every DNS event, whether or not a rule reads it)."""
@@ -285,7 +310,7 @@ def event_fields(event: pb.Event, dns: DNSCache | None = None) -> EventFields | 
         activity = event.process
         if activity.activity_id != 1 or activity.is_fork:
             return None
-        return EventFields("process_creation", Fields(_PROCESS, activity, _PROCESS_NAMES))
+        return EventFields("process_creation", _process_fields(activity))
     if kind == "file":
         f = event.file
         category = _FILE_CATEGORIES.get(f.activity_id)

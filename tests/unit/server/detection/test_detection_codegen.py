@@ -161,3 +161,30 @@ detection:
 {detection}
 level: high
 """
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_eager_launch_fields_equal_the_lazy_ones(seed: int) -> None:
+    """event_fields computes a launch's common fields at once; each must be what the lazy
+    extractor of the same field gives (parents present or not, empty and non-UTF-8 values)."""
+    from server.detection.fields import _PROCESS, event_fields
+
+    rng = random.Random(seed)
+    words = [b"", b"bash", b"-c", b"caf\xc3\xa9", b"\xff\xfe", b"/tmp/x y", b"\xc3", b"\xa9z",
+             b"\xe2\x82", b"\xac"]
+    for i in range(300):
+        e = pb.Event(seq=i + 1)
+        a = e.process
+        a.activity_id = 1
+        a.process.exe = rng.choice([b"", b"/usr/bin/curl", b"/tmp/\xff"])
+        a.process.argv.extend(rng.choice(words) for _ in range(rng.randrange(4)))
+        a.process.user = rng.choice(["", "root", "deploy"])
+        a.process.exe_sha256 = rng.choice(["", "ab" * 32])
+        if rng.random() < 0.7:
+            a.parent_process.pid = rng.choice([0, 42])
+            a.parent_process.exe = rng.choice([b"", b"/usr/bin/bash"])
+            a.parent_process.argv.extend(rng.choice(words) for _ in range(rng.randrange(3)))
+        found = event_fields(e)
+        assert found is not None and found.category == "process_creation"
+        for name, extract in _PROCESS.items():
+            assert found.raw[name] == extract(a), (name, e)
