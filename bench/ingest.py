@@ -2,7 +2,8 @@
 
 N simulated agents (real enrollment, real mutual-TLS Session streams) push batches of valid,
 chained events from separate client processes into a real server subprocess (SQLite store,
-chain verification, synchronous=FULL commit per batch). Reported:
+chain verification, synchronous=FULL commit per batch; detection off, see
+bench/detection.py for its cost). Reported:
 
 - durable_eps: events acknowledged as durable per second at steady state;
 - grpc_floor_eps: the same batches over the same mTLS streams to a no-op Collector that acks
@@ -235,6 +236,9 @@ def main() -> int:
         base = Path(tmp)
         data = base / "server"
         init_server(data, ["localhost", "127.0.0.1"])
+        # Storage is measured here; detection's cost is bench/detection.py's. With detection
+        # on, ingest is held to the evaluator's pace (docs/adr/0006-detection-holds-ingest.md).
+        (data / "detection.json").write_text(json.dumps({"enabled": False}))
         server = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "server", "run", "--data-dir", str(data),
              "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--enroll", "127.0.0.1:0"],
@@ -292,7 +296,7 @@ def main() -> int:
                         proc.kill()
     lower = min(grpc_floor, sqlite_rate)
     print(json.dumps({
-        "benchmark": "ingest", "agents": args.agents, "batch": args.batch,
+        "benchmark": "ingest", "agents": args.agents, "batch": args.batch, "detection": "off",
         "seconds": args.seconds, "client_processes": args.processes, "cpus": os.cpu_count(),
         "durable_eps": round(durable), "grpc_floor_eps": round(grpc_floor),
         "sqlite_floor_eps": round(sqlite_rate),
