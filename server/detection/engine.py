@@ -432,13 +432,15 @@ class DetectionEngine:
         now = time.time_ns()
         for agent_id, first, last in overflows:
             self._dstore.record_overflow(agent_id, first, last, now)
-            self._dstore.raise_alerts([NewAlert(
+            stored = self._dstore.raise_alerts([NewAlert(
                 agent_id, "engine", "detection_queue_overflow",
                 "Detection queue overflow: events evaluated late from the store", "medium",
                 f"the live detection queue was full ({self.config.queue_events} events); "
                 f"events from seq {first} were deferred and are evaluated from the store by "
                 "seq, so alerts for them come late", f"engine:overflow:{agent_id}", None, now)],
                 now, self._dedup_window_ns)
+            if self._listeners:
+                self._announcements.put(stored)     # responders hear of it like any alert
         self.evaluation.save_baselines()
         self._dstore.save_state([], dict(self._cursors))
 
