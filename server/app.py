@@ -119,7 +119,7 @@ def start(config: RunConfig) -> RunningServer:
     stopped = threading.Event()
     node = ClusterNode(store, registry, commands, stopped)
     console_auth = ConsoleAuth()
-    metrics = ServerMetrics(store, registry, console_auth.counts)
+    metrics = ServerMetrics(store, registry, console_auth.counts, detection.figures)
     control = MeteredControlPlane(ControlPlane(store, registry, commands, BlobStore(paths.blobs),
                                                detection.submit, detection.hold_ingest_s),
                                   store, metrics)

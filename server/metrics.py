@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from collector.ingest import DecodedEvent
@@ -33,11 +34,21 @@ LATENCY_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
                      3600.0)
 
 
+class DetectionFigures(NamedTuple):
+    """What live detection reports at scrape time."""
+
+    lag_s: float            # age of the oldest stored event not evaluated yet
+    evaluated: int          # events evaluated since the server started
+    matches: int            # rule matches and anomalies stored (before folding into alerts)
+    overflowed: int         # events deferred to catch-up because the queue was full
+
+
 class ServerMetrics:
     """The server's metric families, registered in a registry of their own."""
 
     def __init__(self, store: Store, sessions: SessionRegistry,
-                 console_counts: Callable[[], tuple[int, int]] | None = None) -> None:
+                 console_counts: Callable[[], tuple[int, int]] | None = None,
+                 detection: Callable[[], DetectionFigures] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.events = Counter("ringfence_events_ingested_total",
                               "Events verified and stored by the collector, by event kind",
@@ -54,9 +65,33 @@ class ServerMetrics:
                                    "detection lagged behind ingest (summed over sessions)",
                                    registry=self.registry)
         self.registry.register(_StateCollector(store, sessions, console_counts))
+        if detection is not None:
+            self.registry.register(_DetectionCollector(detection))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _DetectionCollector(Collector):
+    """Live detection's lag and counts, read at scrape time."""
+
+    def __init__(self, figures: Callable[[], DetectionFigures]) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterable[Metric]:
+        f = self._figures()
+        yield GaugeMetricFamily("ringfence_detection_lag_seconds",
+                                "Age of the oldest stored event detection has not evaluated "
+                                "yet (ingest is held while it exceeds hold_ingest_after_s)",
+                                value=f.lag_s)
+        yield CounterMetricFamily("ringfence_detection_events_evaluated",
+                                  "Stored events evaluated by live detection", value=f.evaluated)
+        yield CounterMetricFamily("ringfence_detection_matches",
+                                  "Rule matches and baseline anomalies stored as alerts or "
+                                  "repeats", value=f.matches)
+        yield CounterMetricFamily("ringfence_detection_events_overflowed",
+                                  "Events the detection queue had no room for (evaluated late "
+                                  "from the store)", value=f.overflowed)
 
 
 class _StateCollector(Collector):

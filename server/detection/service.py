@@ -26,6 +26,7 @@ from server.detection.records import (
 )
 from server.detection.sigma import CompiledRule, load_yaml
 from server.detection.store import DetectionStore, SQLiteDetectionStore
+from server.metrics import DetectionFigures
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ class DetectionRuntime:
     def submit(self, agent_id: str, events: list[DecodedEvent]) -> None:
         if self.config.enabled:
             self.engine.submit(agent_id, events)
+
+    def figures(self) -> DetectionFigures:
+        stats = self.engine.stats
+        return DetectionFigures(self.engine.lag_s() if self.config.enabled else 0.0,
+                                stats.evaluated, stats.alerts, stats.overflowed_events)
 
     def hold_ingest_s(self) -> float:
         return self.engine.hold_ingest_s() if self.config.enabled else 0.0

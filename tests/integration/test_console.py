@@ -212,5 +212,12 @@ def test_server_metrics_scraped(tmp_path: Path) -> None:
             count = samples["ringfence_ingest_latency_seconds_count"][()]
             assert count == sum(ingested.values())
             assert samples["ringfence_hosts_isolation_state"][(("state", "none"),)] == 1
+            # Live detection evaluated what was stored, and is not behind.
+            detection = wait_for(lambda: (s := _scrape(fleet)).get(
+                "ringfence_detection_events_evaluated_total", {}).get((), 0) >= 1 and s,
+                what="detection metrics")
+            assert detection["ringfence_detection_lag_seconds"][()] < 5
+            assert detection["ringfence_detection_events_overflowed_total"][()] == 0
+            assert "ringfence_detection_matches_total" in detection
         final = _scrape(fleet)
         assert final["ringfence_agents_connected"][()] == 0
