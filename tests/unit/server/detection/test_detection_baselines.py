@@ -135,7 +135,8 @@ def test_activity_burst_against_the_hosts_own_rate() -> None:
     bursts = [a for a in _learn(b, storm) if a.model == "activity_burst"]
     assert len(bursts) == 1                             # once per minute, not per event
     assert "the host's rate is" in bursts[0].detail and "threshold max(50" in bursts[0].detail
-    assert bursts[0].numbers["events_in_minute"] > bursts[0].numbers["threshold"]
+    numbers = bursts[0].numbers
+    assert float(numbers["events_in_minute"]) > float(numbers["threshold"])
     # A busier minute inside the normal spread stays quiet.
     calm = Baselines(_config(burst_min_minutes=30, burst_min_events=50))
     _learn(calm, events)
