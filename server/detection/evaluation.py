@@ -473,6 +473,11 @@ class ProcessEvaluation(Evaluation):
             if self._proc is None:
                 return
             try:
+                # Replies of batches still in flight come first; their alerts are stored, and
+                # the caller's cursors do not cover them, so they are evaluated again later.
+                for _ in range(self._in_flight):
+                    self._receive(10.0)
+                self._in_flight = 0
                 if self._ready and self._conn is not None:
                     self._conn.send(("stop",))
                     self._receive(10.0)
