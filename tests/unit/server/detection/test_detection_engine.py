@@ -28,6 +28,8 @@ from server.detection.records import (
     AlertChainBroken,
     EventRef,
     NewAlert,
+    canonical,
+    log_hash,
     verify_alert_log,
 )
 from server.detection.store import SQLiteDetectionStore
@@ -308,3 +310,61 @@ def test_a_failed_batch_in_flight_is_evaluated_again_and_nothing_is_skipped(
     assert d.cursors() == {AGENT: 41}
     d.close()
     store.close()
+
+
+@pytest.mark.parametrize("separate_process", [True, False])
+def test_baseline_state_is_saved_and_loaded_across_a_restart(tmp_path: Path,
+                                                             separate_process: bool) -> None:
+    events = [_event(s, "/usr/bin/ls", "ls", "-la") for s in range(1, 31)]
+    store = _evidence(tmp_path, events[:1])
+    d = SQLiteDetectionStore(tmp_path / "d.sqlite")
+    config = DetectionConfig(pack_dir=None, separate_process=separate_process)
+    engine = DetectionEngine(store, d, config)
+    engine.start()
+    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
+            for e in events[1:]]
+    store.commit_batch(rows, [], [], [], ChainState(30, bytes(32)))
+    engine.submit(AGENT, [DecodedEvent(e.seq, e.SerializeToString(), e, "process")
+                          for e in events[1:]])
+    _wait(engine)
+    engine.stop()
+    # The evaluator (the child process, by default) saved what the models learned.
+    saved = {(r.model, r.scope): r.count for r in d.baselines()}
+    assert saved[("launches", AGENT)] == 29
+    # A new engine starts from that state and keeps counting.
+    engine = DetectionEngine(store, d, config)
+    engine.start()
+    more = [_event(s, "/usr/bin/ls", "ls", "-la") for s in range(31, 36)]
+    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
+            for e in more]
+    store.commit_batch(rows, [], [], [], ChainState(35, bytes(32)))
+    engine.submit(AGENT, [DecodedEvent(e.seq, e.SerializeToString(), e, "process")
+                          for e in more])
+    _wait(engine)
+    engine.stop()
+    saved = {(r.model, r.scope): r.count for r in d.baselines()}
+    assert saved[("launches", AGENT)] == 34
+    d.close()
+    store.close()
+
+
+def test_repeat_records_written_one_per_event_by_earlier_builds_still_verify(
+        tmp_path: Path) -> None:
+    """Before batching, each repeat was its own record ({"event", "time_ns"}, no count)."""
+    d = SQLiteDetectionStore(tmp_path / "d.sqlite")
+    now = time.time_ns()
+    [alert] = d.raise_alerts([_alert(1)], now, 600 * NS).alerts
+    head = d.alert_head()
+    assert head is not None
+    with sqlite3.connect(tmp_path / "d.sqlite") as db:
+        prev = head[1]
+        for seq, event in ((2, 2), (3, 3)):
+            body = canonical({"time_ns": event * NS, "event": [AGENT, event]})
+            digest = log_hash(prev, seq, now, alert.alert_id, "repeated", body)
+            db.execute("INSERT INTO alert_log VALUES (?, ?, ?, 'repeated', ?, ?, ?)",
+                       (seq, now, alert.alert_id, body, prev, digest))
+            prev = digest
+        db.execute("UPDATE alert_head SET seq = 3, hash = ?", (prev,))
+        db.execute("UPDATE alerts SET count = 3")
+    assert _verify(d) == 3
+    d.close()
