@@ -77,6 +77,23 @@ def running_fleet(base: Path, addresses: tuple[str, ...] = ("localhost", "127.0.
         server.stop(grace_s=1.0)
 
 
+class NullControl:
+    """A collector control plane that does nothing (tests of the collector on its own)."""
+
+    def agent_connected(self, *a: object) -> None: ...
+
+    def agent_disconnected(self, *a: object) -> None: ...
+
+    def events_stored(self, *a: object) -> None: ...
+
+    def hold_ingest_s(self) -> float:
+        return 0.0
+
+    def command_result(self, *a: object) -> None: ...
+
+    def file_chunk(self, *a: object) -> None: ...
+
+
 def quiet_sensors(process: str = "off") -> SensorsConfig:
     """Sensors for tests: only what the test needs, so runs stay small and deterministic."""
     return SensorsConfig.from_dict({"process": {"mode": process, "poll_interval_s": 0.1},

@@ -27,7 +27,7 @@ from collector.store.sqlite import SQLiteStore
 from proto import ringfence_pb2 as pb
 from proto import ringfence_pb2_grpc as pb_grpc
 from proto.limits import server_options
-from tests.integration.fleet import Fleet, running_fleet, wait_for
+from tests.integration.fleet import Fleet, NullControl, running_fleet, wait_for
 
 
 class _Stream:
@@ -62,22 +62,7 @@ class _Stream:
         self.channel.close()
 
 
-class _NullControl:
-    def agent_connected(self, *a: object) -> None: ...
-
-    def agent_disconnected(self, *a: object) -> None: ...
-
-    def events_stored(self, *a: object) -> None: ...
-
-    def hold_ingest_s(self) -> float:
-        return 0.0
-
-    def command_result(self, *a: object) -> None: ...
-
-    def file_chunk(self, *a: object) -> None: ...
-
-
-class _HoldingControl(_NullControl):
+class _HoldingControl(NullControl):
     """Asks the collector to hold ingest, always (a consumer that never catches up)."""
 
     def __init__(self) -> None:
@@ -96,7 +81,7 @@ def _own_listener(fleet: Fleet, control: object | None = None
     creds = grpc.ssl_server_credentials(
         [(fleet.paths.server_key.read_bytes(), fleet.paths.server_cert.read_bytes())],
         root_certificates=fleet.paths.ca_cert.read_bytes(), require_client_auth=True)
-    service = CollectorService(fleet.store, control or _NullControl(), registry)  # type: ignore[arg-type]
+    service = CollectorService(fleet.store, control or NullControl(), registry)  # type: ignore[arg-type]
     listener = CollectorListener(service,
                                  "127.0.0.1:0", creds, server_options(), 10)
     port = listener.bind()

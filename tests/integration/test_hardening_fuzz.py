@@ -28,7 +28,7 @@ from collector.store.base import AgentRecord, StoreError
 from collector.store.sqlite import SQLiteStore
 from proto import ringfence_pb2 as pb
 from proto import ringfence_pb2_grpc as pb_grpc
-from tests.integration.fleet import Fleet, running_fleet, wait_for
+from tests.integration.fleet import Fleet, NullControl, running_fleet, wait_for
 
 SEED = 20240611
 AGENT = "0b5c7a52-5d1e-4a0a-9a39-000000000001"
@@ -125,21 +125,6 @@ def test_decode_batch_survives_100k_mutated_events() -> None:
     assert accepted > 5_000 and refused > 50_000, (accepted, refused)
 
 
-class _NullControl:
-    def agent_connected(self, *a: object) -> None: ...
-
-    def agent_disconnected(self, *a: object) -> None: ...
-
-    def events_stored(self, *a: object) -> None: ...
-
-    def hold_ingest_s(self) -> float:
-        return 0.0
-
-    def command_result(self, *a: object) -> None: ...
-
-    def file_chunk(self, *a: object) -> None: ...
-
-
 def test_ingestor_and_session_dispatch_survive_mutated_messages(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "fuzz.db")
     # This test is about the decision logic, not durability: skip the fsync per batch.
@@ -147,7 +132,7 @@ def test_ingestor_and_session_dispatch_survive_mutated_messages(tmp_path: Path) 
     agent = _record()
     store.register_agent(agent)
     ingestor = Ingestor(store)
-    service = CollectorService(store, _NullControl(), SessionRegistry(), ingestor)  # type: ignore[arg-type]
+    service = CollectorService(store, NullControl(), SessionRegistry(), ingestor)  # type: ignore[arg-type]
     session = AgentSession(AGENT, "00")
     rng = random.Random(SEED + 1)
     outcomes: dict[str, int] = {}
