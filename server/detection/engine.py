@@ -263,9 +263,11 @@ class DetectionEngine:
                     self._working = bool(item or behind or self._pending)
                 try:
                     if item is not None:
-                        self._submit(item.agent_id, [(d.seq, d.data or d.event)
-                                                     for d in item.events], item.queued_at)
-                        self._in_hand = None
+                        try:
+                            self._submit(item.agent_id, [(d.seq, d.data or d.event)
+                                                         for d in item.events], item.queued_at)
+                        finally:
+                            self._in_hand = None    # in flight now, or behind
                     # One batch stays with the evaluator while this thread collects the one
                     # before it, so the evaluator never waits for this thread (which waits
                     # for the interpreter lock while ingest is busy).
@@ -389,7 +391,7 @@ class DetectionEngine:
                     logger.exception("alert listener failed; the alerts are stored")
 
     def _drain(self) -> None:
-        """Collect every batch in flight (before rules change, state is saved or catch-up)."""
+        """Collect every batch in flight (before rules change, before a catch-up, at stop)."""
         while self._pending:
             self._collect()
 
