@@ -75,8 +75,8 @@ class ControlPlane(Protocol):
 
     def events_stored(self, agent_id: str, events: list[DecodedEvent]) -> None: ...
 
-    def hold_ingest_s(self) -> float:
-        """Seconds to wait before reading a session's next message after a batch (0: none):
+    def hold_ingest_s(self, agent_id: str) -> float:
+        """Seconds to wait before reading the agent's next message after a batch (0: none):
         work downstream of storage (detection) is lagging. Asked again after each wait."""
         ...
 
@@ -370,7 +370,7 @@ class CollectorService(pb_grpc.CollectorServicer):
         """Wait while the control plane asks to hold ingest (the agent spools meanwhile),
         up to MAX_INGEST_HOLD_S; say so when the cap is reached."""
         held = 0.0
-        while held < MAX_INGEST_HOLD_S and (step := self._control.hold_ingest_s()) > 0:
+        while held < MAX_INGEST_HOLD_S and (step := self._control.hold_ingest_s(agent_id)) > 0:
             await asyncio.sleep(step)
             held += step
         if held >= MAX_INGEST_HOLD_S:

@@ -90,8 +90,8 @@ class _OwnershipControlPlane:
     def events_stored(self, agent_id: str, events: list[DecodedEvent]) -> None:
         self._inner.events_stored(agent_id, events)
 
-    def hold_ingest_s(self) -> float:
-        return self._inner.hold_ingest_s()
+    def hold_ingest_s(self, agent_id: str) -> float:
+        return self._inner.hold_ingest_s(agent_id)
 
     def command_result(self, agent_id: str, result: pb.CommandResult) -> None:
         self._inner.command_result(agent_id, result)

@@ -56,6 +56,10 @@ class CommandQueue:
         # deliver() runs from issue() and from cross-node notifications; one at a time, so a
         # pending command is sent once.
         self._deliver_lock = threading.Lock()
+        # Commands sent to an agent on this node and not finally answered yet (agent id ->
+        # command id -> expiry); read on the collector's event loop, so kept in memory.
+        self._awaiting: dict[str, dict[str, int]] = {}
+        self._awaiting_lock = threading.Lock()
 
     def issue(self, agent_id: str, action: str, params: Mapping[str, Any], actor: str,
               reason: str, expires_s: int = DEFAULT_EXPIRY_S) -> CommandRow:
@@ -103,15 +107,43 @@ class CommandQueue:
             for row in self._store.open_commands(agent_id, time.time_ns()):
                 if row.status == "pending":
                     self._send(session, row)
-                elif row.status == "sent":
-                    session.send_command(row.envelope)
+                elif row.status == "sent" and session.send_command(row.envelope):
+                    self._await(row)
 
     def _send(self, session: AgentSession, row: CommandRow) -> None:
         # Marked sent before it is queued: a fast agent's answer ("succeeded") must never be
         # overwritten by a late "sent".
         self.update(row.command_id, "sent", "delivered to the agent", row.detail_json)
-        if not session.send_command(row.envelope):
+        if session.send_command(row.envelope):
+            self._await(row)
+        else:
             self.update(row.command_id, "pending", "", row.detail_json)
+
+    def _await(self, row: CommandRow) -> None:
+        with self._awaiting_lock:
+            self._awaiting.setdefault(row.agent_id, {})[row.command_id] = row.expires_ns
+
+    def answered(self, agent_id: str, command_id: str, status: str) -> None:
+        """The agent answered a command; a final answer ends the wait for it."""
+        if status in FINAL_STATUSES:
+            with self._awaiting_lock:
+                waiting = self._awaiting.get(agent_id)
+                if waiting is not None:
+                    waiting.pop(command_id, None)
+                    if not waiting:
+                        del self._awaiting[agent_id]
+
+    def awaiting_answer(self, agent_id: str) -> bool:
+        """Whether a command sent to the agent from this node, not expired, awaits its final
+        answer (the collector does not hold such an agent's stream: responders wait for it)."""
+        now = time.time_ns()
+        with self._awaiting_lock:
+            waiting = self._awaiting.get(agent_id)
+            if not waiting:
+                return False
+            for command_id in [c for c, expires_ns in waiting.items() if expires_ns <= now]:
+                del waiting[command_id]
+            return bool(waiting)
 
     def update(self, command_id: str, status: str, message: str, detail_json: str) -> None:
         self._store.update_command(command_id, status, message, detail_json, time.time_ns())

@@ -120,6 +120,7 @@ class ControlPlane:
         status = result.status if result.status != "progress" else row.status
         self._commands.update(row.command_id, status, result.message,
                               result.detail_json or row.detail_json)
+        self._commands.answered(agent_id, row.command_id, status)
         state = ISOLATION_AFTER_RESULT.get((row.action, status))
         if state is not None:
             reason = row.reason if status == "succeeded" else result.message
@@ -137,8 +138,12 @@ class ControlPlane:
         if self._detection is not None:
             self._detection(agent_id, events)
 
-    def hold_ingest_s(self) -> float:
-        return self._detection_hold() if self._detection_hold is not None else 0.0
+    def hold_ingest_s(self, agent_id: str) -> float:
+        if self._detection_hold is None or self._commands.awaiting_answer(agent_id):
+            # An agent with a command in flight is never held: its answer (isolation
+            # confirmed, a file collected) may be queued behind its batches in the stream.
+            return 0.0
+        return self._detection_hold()
 
     # -- files ----------------------------------------------------------------------------------
     def file_chunk(self, agent_id: str, chunk: pb.FileChunk) -> None:

@@ -163,8 +163,8 @@ class MeteredControlPlane:
             self._metrics.events.labels(kind).inc(count)
         self._inner.events_stored(agent_id, events)
 
-    def hold_ingest_s(self) -> float:
-        hold = self._inner.hold_ingest_s()
+    def hold_ingest_s(self, agent_id: str) -> float:
+        hold = self._inner.hold_ingest_s(agent_id)
         if hold > 0:
             self._metrics.ingest_held.inc(hold)
         return hold

@@ -86,7 +86,7 @@ class NullControl:
 
     def events_stored(self, *a: object) -> None: ...
 
-    def hold_ingest_s(self) -> float:
+    def hold_ingest_s(self, agent_id: str) -> float:
         return 0.0
 
     def command_result(self, *a: object) -> None: ...

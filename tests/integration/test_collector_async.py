@@ -68,7 +68,7 @@ class _HoldingControl(NullControl):
     def __init__(self) -> None:
         self.asked = 0
 
-    def hold_ingest_s(self) -> float:
+    def hold_ingest_s(self, agent_id: str) -> float:
         self.asked += 1
         return 0.05
 
