@@ -46,6 +46,7 @@ class _PendingGap:
     first_time_ns: int
     last_time_ns: int
     kinds: Counter[str] = field(default_factory=Counter)
+    last_bytes: int = 0          # size of the last dropped event: what must fit again
 
 
 class ChainError(Exception):
@@ -114,12 +115,12 @@ class EvidenceChain:
             event.agent_id = self._agent_id
             data = event.SerializeToString(deterministic=True)
             if not priority and not self._spool.would_accept(len(data)):
-                self._drop(self._seq, event.time_ns, kind)
+                self._drop(self._seq, event.time_ns, kind, len(data))
                 return 0
             try:
                 self._append(self._seq, data, priority)
             except SpoolFull:
-                self._drop(self._seq, event.time_ns, kind)
+                self._drop(self._seq, event.time_ns, kind, len(data))
                 return 0
             seq = self._seq
             if self._since_checkpoint >= self._config.checkpoint_every:
@@ -140,7 +141,7 @@ class EvidenceChain:
         self._event_seq = seq
         self._since_checkpoint += 1
 
-    def _drop(self, seq: int, time_ns: int, kind: str) -> None:
+    def _drop(self, seq: int, time_ns: int, kind: str, size: int) -> None:
         self.dropped += 1
         gap = self._pending_gap
         if gap is None:
@@ -149,6 +150,7 @@ class EvidenceChain:
             gap = self._pending_gap = _PendingGap(seq, seq, time_ns, time_ns)
         gap.last_seq = seq
         gap.last_time_ns = time_ns
+        gap.last_bytes = size
         gap.kinds[kind] += 1
 
     def _write_gap(self) -> None:
@@ -172,9 +174,13 @@ class EvidenceChain:
         self._pending_gap = None
 
     def flush_gap(self) -> None:
-        """Write a pending gap now if there is room (called periodically)."""
+        """Write a pending gap once the last dropped event would fit again (called
+        periodically, so a loss is named even when no further event comes). While telemetry
+        is still dropped the gap waits: writing it from the priority reserve in the middle of
+        a storm would split one loss into several ranges (the next event starts a new one)."""
         with self._lock:
-            if self._pending_gap is not None:
+            gap = self._pending_gap
+            if gap is not None and self._spool.would_accept(gap.last_bytes + _SEQ_SLACK_BYTES):
                 self._write_gap()
 
     def checkpoint(self, force: bool = False) -> bool:

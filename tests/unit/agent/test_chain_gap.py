@@ -36,3 +36,27 @@ def test_sustained_loss_is_one_gap_before_the_next_priority_event(tmp_path: Path
     gap = events[0].gap
     assert (gap.first_seq, gap.last_seq) == (dropped[0], 200)
     assert dict(gap.dropped_by_kind) == {"process": len(dropped)}
+
+
+def test_a_periodic_flush_does_not_split_a_loss_while_the_spool_is_still_full(
+        tmp_path: Path) -> None:
+    """The housekeeping flush used to write the gap from the priority reserve in the middle
+    of a storm, so the next drop started a second range (a flaky hardening test showed it)."""
+    config = SpoolConfig(max_bytes=256 << 10, segment_bytes=32 << 10, fsync_interval_s=0.05,
+                         priority_reserve_bytes=128 << 10)
+    with Spool(tmp_path / "spool", config) as spool:
+        chain = EvidenceChain("agent-1", private_key_from_seed(b"\x01" * 32), spool,
+                              ChainConfig(checkpoint_every=10_000))
+        results = [chain.record(_telemetry(i)) for i in range(100)]
+        chain.flush_gap()                          # still full: the gap waits
+        results += [chain.record(_telemetry(i)) for i in range(100, 200)]
+        dropped = [i + 1 for i, seq in enumerate(results) if seq == 0]
+        assert len(dropped) > 50 and dropped == list(range(dropped[0], 201))
+        spool.flush()
+        spool.ack(dropped[0] - 1)                  # the collector took everything stored
+        chain.flush_gap()                          # space returned: one gap, whole range
+        spool.flush()
+        records = spool.read_durable(dropped[0] - 1, 100, 1 << 20)
+    gaps = [pb.Event.FromString(r.data).gap for r in records
+            if pb.Event.FromString(r.data).WhichOneof("body") == "gap"]
+    assert [(g.first_seq, g.last_seq) for g in gaps] == [(dropped[0], 200)]
