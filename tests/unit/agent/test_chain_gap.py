@@ -11,17 +11,24 @@ from evidence.keys import private_key_from_seed
 from proto import ringfence_pb2 as pb
 
 
+# Room for about 40 telemetry events of 3 KB, and a reserve for priority records.
+SMALL_SPOOL = SpoolConfig(max_bytes=256 << 10, segment_bytes=32 << 10, fsync_interval_s=0.05,
+                          priority_reserve_bytes=128 << 10)
+
+
+def _chain(spool: Spool) -> EvidenceChain:
+    return EvidenceChain("agent-1", private_key_from_seed(b"\x01" * 32), spool,
+                         ChainConfig(checkpoint_every=10_000))
+
+
 def _telemetry(i: int) -> pb.Event:
     return pb.Event(process=pb.ProcessActivity(activity_id=1, process=pb.Process(
         pid=i, name="filler", argv=[b"x" * 3000])))
 
 
 def test_sustained_loss_is_one_gap_before_the_next_priority_event(tmp_path: Path) -> None:
-    config = SpoolConfig(max_bytes=256 << 10, segment_bytes=32 << 10, fsync_interval_s=0.05,
-                         priority_reserve_bytes=128 << 10)
-    with Spool(tmp_path / "spool", config) as spool:
-        chain = EvidenceChain("agent-1", private_key_from_seed(b"\x01" * 32), spool,
-                              ChainConfig(checkpoint_every=10_000))
+    with Spool(tmp_path / "spool", SMALL_SPOOL) as spool:
+        chain = _chain(spool)
         results = [chain.record(_telemetry(i)) for i in range(200)]
         dropped = [i + 1 for i, seq in enumerate(results) if seq == 0]
         assert len(dropped) > 50 and dropped == list(range(dropped[0], 201))
@@ -42,11 +49,8 @@ def test_a_periodic_flush_does_not_split_a_loss_while_the_spool_is_still_full(
         tmp_path: Path) -> None:
     """The housekeeping flush used to write the gap from the priority reserve in the middle
     of a storm, so the next drop started a second range (a flaky hardening test showed it)."""
-    config = SpoolConfig(max_bytes=256 << 10, segment_bytes=32 << 10, fsync_interval_s=0.05,
-                         priority_reserve_bytes=128 << 10)
-    with Spool(tmp_path / "spool", config) as spool:
-        chain = EvidenceChain("agent-1", private_key_from_seed(b"\x01" * 32), spool,
-                              ChainConfig(checkpoint_every=10_000))
+    with Spool(tmp_path / "spool", SMALL_SPOOL) as spool:
+        chain = _chain(spool)
         results = [chain.record(_telemetry(i)) for i in range(100)]
         chain.flush_gap()                          # still full: the gap waits
         results += [chain.record(_telemetry(i)) for i in range(100, 200)]

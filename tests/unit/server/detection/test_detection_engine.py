@@ -130,13 +130,18 @@ def _event(seq: int, exe: str, *argv: str) -> pb.Event:
     return e
 
 
+def _store_events(store: SQLiteStore, events: list[pb.Event]) -> None:
+    """Commit `events` as the agent's next stored batch (the chain head at the last one)."""
+    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
+            for e in events]
+    store.commit_batch(rows, [], [], [], ChainState(events[-1].seq, bytes(32)))
+
+
 def _evidence(tmp_path: Path, events: list[pb.Event]) -> SQLiteStore:
     store = SQLiteStore(tmp_path / "events.sqlite")
     store.register_agent(AgentRecord(AGENT, "host-1", "linux", "6.1", "m", (), "1",
                                      bytes(32), "f", 1))
-    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
-            for e in events]
-    store.commit_batch(rows, [], [], [], ChainState(events[-1].seq, bytes(32)))
+    _store_events(store, events)
     return store
 
 
@@ -159,9 +164,7 @@ def test_overflow_is_recorded_and_caught_up_from_the_store(tmp_path: Path,
     engine.start()
     # Everything is stored first, then announced in one go: the queue takes 50 events and
     # the rest overflows, to be read back from the store.
-    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
-            for e in events[1:]]
-    store.commit_batch(rows, [], [], [], ChainState(200, bytes(32)))
+    _store_events(store, events[1:])
     batches = [events[i:i + 25] for i in range(1, 200, 25)]
     for batch in batches:
         engine.submit(AGENT, [DecodedEvent(e.seq, b"", e, "process") for e in batch])
@@ -190,9 +193,7 @@ def test_restart_resumes_from_the_saved_cursor(tmp_path: Path, separate_process:
     engine = DetectionEngine(store, d, config)
     engine.start()
     _wait(engine)
-    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
-            for e in events[5:]]
-    store.commit_batch(rows, [], [], [], ChainState(10, bytes(32)))
+    _store_events(store, events[5:])
     engine.submit(AGENT, [DecodedEvent(e.seq, b"", e, "process") for e in events[5:]])
     _wait(engine)
     engine.stop()
@@ -213,9 +214,7 @@ def test_a_dead_evaluator_process_is_replaced_and_nothing_is_skipped(
     assert isinstance(evaluation, ProcessEvaluation)
 
     def announce(batch: list[pb.Event]) -> None:
-        rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32),
-                         1) for e in batch]
-        store.commit_batch(rows, [], [], [], ChainState(batch[-1].seq, bytes(32)))
+        _store_events(store, batch)
         engine.submit(AGENT, [DecodedEvent(e.seq, e.SerializeToString(), e, "process")
                               for e in batch])
 
@@ -293,9 +292,7 @@ def test_a_failed_batch_in_flight_is_evaluated_again_and_nothing_is_skipped(
     # The second batch fails while the third is in flight behind it.
     gated = engine.evaluation = _GatedEvaluation(engine.evaluation, fail=[2])
     engine.start()
-    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
-            for e in events[1:]]
-    store.commit_batch(rows, [], [], [], ChainState(41, bytes(32)))
+    _store_events(store, events[1:])
     for i in range(1, 41, 10):
         engine.submit(AGENT, [DecodedEvent(e.seq, b"", e, "process") for e in events[i:i + 10]])
     gated.gate.set()
@@ -321,9 +318,7 @@ def test_baseline_state_is_saved_and_loaded_across_a_restart(tmp_path: Path,
     config = DetectionConfig(pack_dir=None, separate_process=separate_process)
     engine = DetectionEngine(store, d, config)
     engine.start()
-    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
-            for e in events[1:]]
-    store.commit_batch(rows, [], [], [], ChainState(30, bytes(32)))
+    _store_events(store, events[1:])
     engine.submit(AGENT, [DecodedEvent(e.seq, e.SerializeToString(), e, "process")
                           for e in events[1:]])
     _wait(engine)
@@ -335,9 +330,7 @@ def test_baseline_state_is_saved_and_loaded_across_a_restart(tmp_path: Path,
     engine = DetectionEngine(store, d, config)
     engine.start()
     more = [_event(s, "/usr/bin/ls", "ls", "-la") for s in range(31, 36)]
-    rows = [EventRow(AGENT, e.seq, e.time_ns, "process", e.SerializeToString(), bytes(32), 1)
-            for e in more]
-    store.commit_batch(rows, [], [], [], ChainState(35, bytes(32)))
+    _store_events(store, more)
     engine.submit(AGENT, [DecodedEvent(e.seq, e.SerializeToString(), e, "process")
                           for e in more])
     _wait(engine)
